@@ -1,0 +1,48 @@
+# lcdd-kernels: everything from nothing. `make test` is the README's (and CI's) test command.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+BUILD  ?= build/cmake
+STAMP  := $(VENV)/.lcdd-installed
+
+.PHONY: all install native test test-python test-native bench demo clean distclean
+
+all: test
+
+# The CPU build of torch 2.13.0 comes from local disk; it is installed first and pinned so that
+# nothing later resolves torch to a multi-GB CUDA build.
+$(STAMP): setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q "setuptools>=64" wheel "pybind11>=2.12" "cmake>=3.24" ninja
+	LCDD_BUILD_DIR=$(BUILD) $(PIP) install -q --no-build-isolation -e '.[test]'
+	touch $@
+
+install: $(STAMP)
+
+# Incremental rebuild of liblcdd, lcdd_kernels._C and the C++ tests after source edits.
+native: install
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH cmake --build $(BUILD) --parallel
+
+test-native: native
+	cd $(BUILD) && PATH=$(CURDIR)/$(VENV)/bin:$$PATH ctest --output-on-failure
+
+# Tests run Triton kernels under TRITON_INTERPRET=1 when no GPU is present (tests/conftest.py).
+test-python: native
+	$(PY) -m pytest -q tests
+
+test: test-native test-python
+
+bench: install
+	$(VENV)/bin/lcdd bench training --quick --out benchmarks/results/training-cpu.json
+
+demo: install
+	$(VENV)/bin/lcdd demo
+
+clean:
+	rm -rf build lcdd_kernels/_C*.so .pytest_cache
+
+distclean: clean
+	rm -rf $(VENV) *.egg-info

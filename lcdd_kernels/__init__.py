@@ -1,0 +1,59 @@
+"""lcdd-kernels: fused kernels and tools for LCDD carriers (SPEC: ../shared/SPEC.md).
+
+Everything public is re-exported here. Names are resolved lazily from the table below, so that
+``import lcdd_kernels`` stays cheap and never imports transformers, Triton or the compiled
+extension until they are used, and never touches a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+# public name -> module (relative to this package) that defines it
+_EXPORTS: dict[str, str] = {
+    # backends
+    "set_backend": "._backend",
+    "use_backend": "._backend",
+    # training ops (SPEC §1)
+    "masked_delta_linear": ".ops.masked_delta",
+    "masked_delta_swiglu": ".ops.masked_delta",
+    "masked_delta_linear_ref": ".ops.masked_delta",
+    "masked_delta_swiglu_ref": ".ops.masked_delta",
+    "effective_weight": ".ops.masked_delta",
+    # masks and the dual controller (SPEC §2, §3)
+    "HeavisideMask": ".masks",
+    "heaviside_st": ".masks",
+    "DualController": ".dual",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    try:
+        module = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'lcdd_kernels' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__
+
+
+if TYPE_CHECKING:  # pragma: no cover - for static tools only
+    from ._backend import set_backend, use_backend  # noqa: F401
+    from .dual import DualController  # noqa: F401
+    from .masks import HeavisideMask, heaviside_st  # noqa: F401
+    from .ops.masked_delta import (  # noqa: F401
+        effective_weight,
+        masked_delta_linear,
+        masked_delta_linear_ref,
+        masked_delta_swiglu,
+        masked_delta_swiglu_ref,
+    )

@@ -1,0 +1,1 @@
+"""One module per op: reference, kernels, launchers, autograd Function."""

@@ -1,0 +1,86 @@
+"""Build lcdd-kernels: the Python package plus the native extension lcdd_kernels._C via CMake.
+
+Environment switches:
+  LCDD_SKIP_NATIVE=1      do not build lcdd_kernels._C at all (pure Python: Triton and PyTorch paths)
+  LCDD_SKIP_CUDA_BUILD=1  build the C++ CPU kernels only, even when nvcc is present
+  LCDD_CUDA_ARCHS=90      CUDA architectures (CMake list, e.g. "80;90")
+  LCDD_BUILD_JOBS=N       parallel compile jobs (default: all cores)
+  LCDD_BUILD_DIR=path     where CMake builds (default build/cmake); ctest runs there
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+
+
+class CMakeExtension(Extension):
+    def __init__(self, name):
+        super().__init__(name, sources=[])
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        if os.environ.get("LCDD_SKIP_NATIVE") == "1":
+            print("LCDD_SKIP_NATIVE=1: not building lcdd_kernels._C")
+            return
+        cmake = shutil.which("cmake")
+        if cmake is None:
+            raise RuntimeError("building lcdd_kernels._C needs cmake (pip install cmake), "
+                               "or set LCDD_SKIP_NATIVE=1 to install without it")
+        out = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build = Path(os.environ.get("LCDD_BUILD_DIR", ROOT / "build" / "cmake")).resolve()
+        build.mkdir(parents=True, exist_ok=True)
+        import pybind11
+
+        cuda = "OFF" if os.environ.get("LCDD_SKIP_CUDA_BUILD") == "1" else "ON"
+        args = [
+            f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={out}",
+            f"-DPython_EXECUTABLE={sys.executable}",
+            f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
+            f"-DLCDD_BUILD_CUDA={cuda}",
+            f"-DLCDD_CUDA_ARCHS={os.environ.get('LCDD_CUDA_ARCHS', '90')}",
+            "-DCMAKE_BUILD_TYPE=Release",
+        ]
+        if shutil.which("ninja"):
+            args += ["-G", "Ninja"]
+        subprocess.check_call([cmake, "-S", str(ROOT), "-B", str(build)] + args)
+        jobs = os.environ.get("LCDD_BUILD_JOBS", str(os.cpu_count() or 2))
+        subprocess.check_call([cmake, "--build", str(build), "--parallel", jobs])
+
+
+setup(
+    name="lcdd-kernels",
+    version="0.1.0",
+    description="Fused kernels for LCDD sparse SFT carriers: training, carrier inference, SFT-Eraser",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8") if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["lcdd_kernels", "lcdd_kernels.*"]),
+    ext_modules=[CMakeExtension("lcdd_kernels._C")],
+    cmdclass={"build_ext": CMakeBuild},
+    # torch is deliberately a range that the local CPU build satisfies: an unpinned torch
+    # would let pip pull a multi-GB CUDA build.
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "transformers>=4.56",
+        "safetensors>=0.4",
+        "numpy",
+        "tqdm>=4.60",       # progress bars for training, eraser and demo
+        "matplotlib>=3.7",  # curve and heatmap plots for training logs, benchmarks and the demo
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "psutil>=5"],
+        "build": ["pybind11>=2.12", "cmake>=3.24", "ninja"],
+    },
+    entry_points={"console_scripts": ["lcdd=lcdd_kernels.cli:main"]},
+    zip_safe=False,
+)

@@ -1,0 +1,167 @@
+"""masked_delta_linear / masked_delta_swiglu: every backend against SPEC §1 in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lcdd_kernels as L
+from lcdd_kernels.ops.masked_delta import masked_delta_linear_ref, masked_delta_swiglu_ref
+
+from .conftest import HAS_CUDA
+from .helpers import assert_close
+
+BACKENDS = ["torch", "triton", "reference"]
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+# (leading shape of x, K, N): tiny, odd, prime, crossing tile edges
+SHAPES = [((1,), 1, 1), ((3,), 5, 7), ((123,), 431, 97), ((2, 5), 33, 65), ((17,), 64, 128)]
+
+
+def make_masks(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    if kind == "zeros":
+        return torch.zeros(n)
+    if kind == "ones":
+        return torch.ones(n)
+    if kind == "soft":
+        return torch.rand(n, generator=gen) * 2 - 0.5  # real values, some negative, some > 1
+    density = float(kind.split("-")[1])
+    return (torch.rand(n, generator=gen) < density).float()
+
+
+def make_case(lead, k, n, mask_kind="random-0.5", bias=True, equal=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k, generator=gen)
+    base = torch.randn(n, k, generator=gen) / k**0.5
+    w = base.clone() if equal else base + torch.randn(n, k, generator=gen) / k**0.5
+    r = make_masks(mask_kind, n, gen)
+    c = make_masks(mask_kind, k, gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    return x, w, base, r, c, b
+
+
+def run(fn, args, grad_idx, dtype, device, backend=None):
+    """Cast args, run fn, backprop a fixed random cotangent; return (out, grads)."""
+    cast = [None if a is None else a.to(device=device, dtype=dtype) for a in args]
+    for i in grad_idx:
+        if cast[i] is not None:
+            cast[i] = cast[i].detach().requires_grad_(True)  # a leaf, strides kept
+    kw = {} if backend is None else {"backend": backend}
+    out = fn(*cast, **kw)
+    gen = torch.Generator().manual_seed(123)
+    gy = torch.randn(out.shape, generator=gen).to(device=device, dtype=dtype)
+    out.backward(gy)
+    return out.detach(), [None if cast[i] is None else cast[i].grad for i in grad_idx]
+
+
+LIN_GRADS = [0, 1, 3, 4, 5]  # x, weight, row_mask, col_mask, bias
+LIN_NAMES = ["x", "weight", "row_mask", "col_mask", "bias"]
+
+
+def check_linear(backend, dtype, lead, k, n, mask_kind="random-0.5", bias=True, equal=False, noncontig=False):
+    args = list(make_case(lead, k, n, mask_kind, bias, equal))
+    # Round the inputs to the test dtype once, so every run sees the same numbers.
+    args = [None if a is None else a.to(dtype) for a in args]
+    ref_out, ref_grads = run(masked_delta_linear_ref, args, LIN_GRADS, torch.float64, "cpu")
+    low_out, low_grads = run(L.masked_delta_linear, args, LIN_GRADS, dtype, DEVICE, "reference")
+    if noncontig:
+        x = args[0]
+        args[0] = x.transpose(-1, 0).contiguous().transpose(-1, 0) if x.dim() > 1 else x
+        assert x.dim() == 1 or not args[0].is_contiguous()
+    out, grads = run(L.masked_delta_linear, args, LIN_GRADS, dtype, DEVICE, backend)
+    assert not noncontig or x.dim() == 1 or grads[0].shape == x.shape
+    assert_close("y", out.cpu(), ref_out, low_out.cpu(), dtype)
+    for name, g, rg, lg in zip(LIN_NAMES, grads, ref_grads, low_grads):
+        if rg is None:
+            assert g is None
+            continue
+        assert_close(f"d{name}", g.cpu(), rg, lg.cpu(), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,k,n", SHAPES, ids=str)
+def test_linear_shapes(backend, dtype, lead, k, n):
+    check_linear(backend, dtype, lead, k, n)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("mask_kind", ["zeros", "ones", "random-0.1", "random-0.9", "soft"])
+def test_linear_masks(backend, mask_kind):
+    check_linear(backend, torch.float32, (37,), 45, 29, mask_kind)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_weight_equals_base_no_bias_noncontiguous(backend):
+    check_linear(backend, torch.float32, (9, 4), 21, 19, "random-0.5", bias=False, equal=True, noncontig=True)
+
+
+@pytest.mark.parametrize("backend", ["torch"])
+def test_linear_row_blocks(backend):
+    # N·K above the single-block threshold: the torch backend works in 16 row blocks.
+    check_linear(backend, torch.float32, (3,), 1001, 1100)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_empty_batch(backend):
+    x, w, base, r, c, b = make_case((0,), 6, 5)
+    w.requires_grad_(True)
+    y = L.masked_delta_linear(x, w, base, r, c, b, backend=backend)
+    assert y.shape == (0, 5)
+    y.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+SWI_GRADS = [0, 1, 3, 5, 6]
+SWI_NAMES = ["x", "gate_weight", "up_weight", "hidden_mask", "read_mask"]
+
+
+def make_swiglu(lead, k, f, mask_kind="random-0.5", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*lead, k, generator=gen)
+    gb = torch.randn(f, k, generator=gen) / k**0.5
+    ub = torch.randn(f, k, generator=gen) / k**0.5
+    gw = gb + torch.randn(f, k, generator=gen) / k**0.5
+    uw = ub + torch.randn(f, k, generator=gen) / k**0.5
+    return [x, gw, gb, uw, ub, make_masks(mask_kind, f, gen), make_masks(mask_kind, k, gen)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead,k,f,mask_kind", [((1,), 1, 1, "ones"), ((2, 7), 33, 47, "random-0.5"),
+                                                ((61,), 96, 130, "soft"), ((5,), 16, 24, "zeros")], ids=str)
+def test_swiglu(backend, dtype, lead, k, f, mask_kind):
+    args = [a.to(dtype) for a in make_swiglu(lead, k, f, mask_kind)]
+    ref_out, ref_grads = run(masked_delta_swiglu_ref, args, SWI_GRADS, torch.float64, "cpu")
+    low_out, low_grads = run(L.masked_delta_swiglu, args, SWI_GRADS, dtype, DEVICE, "reference")
+    out, grads = run(L.masked_delta_swiglu, args, SWI_GRADS, dtype, DEVICE, backend)
+    assert_close("h", out.cpu(), ref_out, low_out.cpu(), dtype)
+    for name, g, rg, lg in zip(SWI_NAMES, grads, ref_grads, low_grads):
+        assert_close(f"d{name}", g.cpu(), rg, lg.cpu(), dtype)
+
+
+def test_torch_backend_gradcheck():
+    x, w, base, r, c, b = [None if a is None else a.double() for a in make_case((2, 3), 5, 4, "soft")]
+    for t in (x, w, r, c, b):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda *a: L.masked_delta_linear(*a, backend="torch"), (x, w, base, r, c, b))
+    args = [a.double() for a in make_swiglu((3,), 4, 6, "soft")]
+    for i in SWI_GRADS:
+        args[i].requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda *a: L.masked_delta_swiglu(*a, backend="torch"), tuple(args))
+
+
+def test_base_weight_gets_no_gradient():
+    x, w, base, r, c, b = make_case((4,), 6, 5)
+    w.requires_grad_(True)
+    L.masked_delta_linear(x, w, base, r, c, b, backend="torch").sum().backward()
+    assert base.grad is None and w.grad is not None
+
+
+def test_masks_may_have_another_float_dtype():
+    x, w, base, r, c, b = make_case((4,), 6, 5, "soft")
+    r64 = r.double().requires_grad_(True)
+    y = L.masked_delta_linear(x, w, base, r64, c, b, backend="torch")
+    y.sum().backward()
+    assert y.dtype == torch.float32 and r64.grad.dtype == torch.float64
