@@ -1,0 +1,1 @@
+"""Benchmark suites behind `lcdd bench` (and reused by benchmarks/ pytest-benchmark files)."""

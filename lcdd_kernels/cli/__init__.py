@@ -1,0 +1,39 @@
+"""The ``lcdd`` command line. Each subcommand lives in its own module of this package and
+registers itself through ``register(subparsers)``; this table is the only list of them."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module (in lcdd_kernels.cli) -> what it adds
+_MODULES = {
+    "env": "lcdd env: the environment report to paste into bug reports",
+    "bench": "lcdd bench <suite>: benchmarks, providers side by side",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lcdd", description="lcdd-kernels: LCDD carriers, training, serving and SFT-Eraser")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name in _MODULES:
+        importlib.import_module(f"{__name__}.{name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError) as e:
+        # Users get the message that names the problem, not a traceback.
+        print(f"lcdd {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

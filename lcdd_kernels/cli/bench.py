@@ -1,0 +1,21 @@
+"""``lcdd bench <suite>``: providers side by side in one run, results as JSON rows."""
+
+from __future__ import annotations
+
+import importlib
+
+# suite name -> module in lcdd_kernels.bench providing add_arguments(parser) and run(args)
+SUITES = {
+    "training": "training",
+}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="run a benchmark suite (providers side by side)")
+    suites = p.add_subparsers(dest="suite", metavar="SUITE")
+    suites.required = True
+    for name, module in SUITES.items():
+        mod = importlib.import_module(f"lcdd_kernels.bench.{module}")
+        sp = suites.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0])
+        mod.add_arguments(sp)
+        sp.set_defaults(func=mod.run)
