@@ -34,7 +34,14 @@ class CMakeBuild(build_ext):
         if cmake is None:
             raise RuntimeError("building lcdd_kernels._C needs cmake (pip install cmake), "
                                "or set LCDD_SKIP_NATIVE=1 to install without it")
-        out = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        target = Path(self.get_ext_fullpath(ext.name)).resolve()
+        out = target.parent
+        # An editable install builds into a temporary build-lib that setuptools copies back into
+        # the source tree; CMake writes into the source package instead, so that a later
+        # incremental `cmake --build` (make native) refreshes lcdd_kernels/_C in place.
+        inplace = getattr(self, "editable_mode", False) or self.inplace
+        if inplace:
+            out = ROOT / "lcdd_kernels"
         build = Path(os.environ.get("LCDD_BUILD_DIR", ROOT / "build" / "cmake")).resolve()
         build.mkdir(parents=True, exist_ok=True)
         import pybind11
@@ -53,6 +60,9 @@ class CMakeBuild(build_ext):
         subprocess.check_call([cmake, "-S", str(ROOT), "-B", str(build)] + args)
         jobs = os.environ.get("LCDD_BUILD_JOBS", str(os.cpu_count() or 2))
         subprocess.check_call([cmake, "--build", str(build), "--parallel", jobs])
+        if inplace and out / target.name != target:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(out / target.name, target)
 
 
 setup(
