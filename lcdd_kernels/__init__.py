@@ -27,6 +27,8 @@ _EXPORTS: dict[str, str] = {
     "HeavisideMask": ".masks",
     "heaviside_st": ".masks",
     "DualController": ".dual",
+    # activation capture (SPEC §5)
+    "gather_channels": ".ops.gather",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -50,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover - for static tools only
     from ._backend import set_backend, use_backend  # noqa: F401
     from .dual import DualController  # noqa: F401
     from .masks import HeavisideMask, heaviside_st  # noqa: F401
+    from .ops.gather import gather_channels  # noqa: F401
     from .ops.masked_delta import (  # noqa: F401
         effective_weight,
         masked_delta_linear,

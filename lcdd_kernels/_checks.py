@@ -72,19 +72,30 @@ def no_grad_required(op: str, name: str, t: torch.Tensor, why: str) -> None:
         raise ValueError(f"{op}: {name} must not require grad ({why}); pass {name}.detach()")
 
 
-def index_vector(op: str, name: str, t: torch.Tensor, upper: int, device: torch.device) -> None:
-    """A 1-D int32/int64 vector of sorted, unique indices in [0, upper)."""
+def index_tensor(op: str, name: str, t: torch.Tensor, upper: int | None, device: torch.device,
+                 meaning: str = "(a vector of indices)") -> None:
+    """A 1-D int32/int64 vector of indices in [0, upper), any order, repeats allowed.
+
+    ``upper=None`` skips the range test (indices the caller has already checked). The range
+    test is one reduction and one host sync (it matters on a GPU); min and max are computed
+    only to word the error.
+    """
     tensor(op, name, t)
     if t.dtype not in INDEX_DTYPES:
         raise TypeError(f"{op}: {name} must be int32 or int64 indices, got {t.dtype}")
-    ndim(op, name, t, 1, "(a vector of indices)")
+    ndim(op, name, t, 1, meaning)
     if t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device}, expected {device}; move it with .to()")
-    if t.numel() == 0:
+    if t.numel() == 0 or upper is None:
         return
-    lo, hi = int(t.min()), int(t.max())
-    if lo < 0 or hi >= upper:
+    if bool(((t < 0) | (t >= upper)).any()):
+        lo, hi = int(t.min()), int(t.max())
         raise ValueError(f"{op}: {name} holds indices out of range [0, {upper}): min {lo}, max {hi}")
+
+
+def index_vector(op: str, name: str, t: torch.Tensor, upper: int, device: torch.device) -> None:
+    """A 1-D int32/int64 vector of sorted, unique indices in [0, upper)."""
+    index_tensor(op, name, t, upper, device)
     if t.numel() > 1 and not bool((t[1:] > t[:-1]).all()):
         raise ValueError(
             f"{op}: {name} must be sorted and unique (strictly increasing); "
