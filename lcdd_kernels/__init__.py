@@ -29,6 +29,18 @@ _EXPORTS: dict[str, str] = {
     "DualController": ".dual",
     # activation capture (SPEC §5)
     "gather_channels": ".ops.gather",
+    # Hugging Face patching (SPEC §2) and carriers (SPEC §4)
+    "apply_lcdd": ".models.patch",
+    "LCDDHandle": ".models.patch",
+    "load_authors_masks": ".models.authors",
+    "get_family": ".models.families",
+    "decoder_layers": ".models.families",
+    "Carrier": ".carriers.format",
+    "CarrierModule": ".carriers.format",
+    "extract_carrier": ".carriers.format",
+    "load_carrier": ".carriers.format",
+    "base_fingerprint": ".carriers.format",
+    "apply_carrier": ".carriers.apply",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -51,7 +63,18 @@ def __dir__():
 if TYPE_CHECKING:  # pragma: no cover - for static tools only
     from ._backend import set_backend, use_backend  # noqa: F401
     from .dual import DualController  # noqa: F401
+    from .carriers.apply import apply_carrier  # noqa: F401
+    from .carriers.format import (  # noqa: F401
+        Carrier,
+        CarrierModule,
+        base_fingerprint,
+        extract_carrier,
+        load_carrier,
+    )
     from .masks import HeavisideMask, heaviside_st  # noqa: F401
+    from .models.authors import load_authors_masks  # noqa: F401
+    from .models.families import decoder_layers, get_family  # noqa: F401
+    from .models.patch import LCDDHandle, apply_lcdd  # noqa: F401
     from .ops.gather import gather_channels  # noqa: F401
     from .ops.masked_delta import (  # noqa: F401
         effective_weight,

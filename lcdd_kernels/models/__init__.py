@@ -1,0 +1,1 @@
+"""Hugging Face model support: the family table, patched modules, apply_lcdd."""
