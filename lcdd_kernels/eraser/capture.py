@@ -230,6 +230,19 @@ def carrier_channels(carrier_or_handle, kind: str = "write") -> dict[int, torch.
 
     ``kind``: "write" (active ffn_write ∪ attn_write), "all_residual" (adds ffn_read and
     attn_read), "ffn_write" or "attn_write". Returns {layer: sorted unique (C_l,) int64};
-    layers with no channel are left out.
+    layers with no channel are left out. A ``CarrierHandle`` (from ``apply_carrier``) is read
+    through its carrier; an ``LCDDHandle`` from its current binary masks (θ > 0).
     """
-    raise NotImplementedError("carrier_channels waits for lcdd_kernels.carriers / models.patch")
+    if kind not in CHANNEL_KINDS:
+        raise ValueError(f"carrier_channels: kind must be one of {', '.join(CHANNEL_KINDS)}, got {kind!r}")
+    source = getattr(carrier_or_handle, "carrier", carrier_or_handle)
+    if not callable(getattr(source, "active_channels", None)):
+        raise TypeError(
+            f"carrier_channels: expected a Carrier (load_carrier), an apply_carrier handle or an "
+            f"apply_lcdd handle, got {type(carrier_or_handle).__name__}")
+    out = {}
+    for layer, groups in enumerate(source.active_channels()):
+        idx = torch.unique(torch.cat([groups[g].long().cpu() for g in CHANNEL_KINDS[kind]]))
+        if idx.numel():
+            out[layer] = idx
+    return out
