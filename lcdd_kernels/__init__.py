@@ -27,8 +27,10 @@ _EXPORTS: dict[str, str] = {
     "HeavisideMask": ".masks",
     "heaviside_st": ".masks",
     "DualController": ".dual",
-    # activation capture (SPEC §5)
+    # activation capture (SPEC §5); the eraser itself lives in lcdd_kernels.eraser
     "gather_channels": ".ops.gather",
+    "capture": ".eraser.capture",
+    "carrier_channels": ".eraser.capture",
     # Hugging Face patching (SPEC §2) and carriers (SPEC §4)
     "apply_lcdd": ".models.patch",
     "LCDDHandle": ".models.patch",
@@ -63,6 +65,7 @@ def __dir__():
 if TYPE_CHECKING:  # pragma: no cover - for static tools only
     from ._backend import set_backend, use_backend  # noqa: F401
     from .dual import DualController  # noqa: F401
+    from .eraser.capture import capture, carrier_channels  # noqa: F401
     from .carriers.apply import apply_carrier  # noqa: F401
     from .carriers.format import (  # noqa: F401
         Carrier,
