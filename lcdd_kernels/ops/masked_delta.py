@@ -78,6 +78,11 @@ def _forward_into(y2, x2, weight, base, r, c):
         torch.mm(x2, _weff_block(weight, base, r, c, s, e).t(), out=y2[:, s:e])
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: fp32 for half types, never below the inputs' own (float64 stays float64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _backward_blocks(g2, x2, weight, base, r, c, need, dx):
     """Accumulate one projection's gradients, block by block.
 
@@ -87,8 +92,9 @@ def _backward_blocks(g2, x2, weight, base, r, c, need, dx):
     need_dx, need_dw, need_dr, need_dc = need
     n, k = weight.shape
     dw = torch.empty_like(weight) if need_dw else None
-    dr = torch.empty(n, dtype=torch.float32, device=weight.device) if need_dr else None
-    dc = torch.zeros(k, dtype=torch.float32, device=weight.device) if need_dc else None
+    acc = _acc_dtype(weight.dtype)
+    dr = torch.empty(n, dtype=acc, device=weight.device) if need_dr else None
+    dc = torch.zeros(k, dtype=acc, device=weight.device) if need_dc else None
     need_p = need_dw or need_dr or need_dc
     for s, e in _row_blocks(n, k):
         gb = g2[:, s:e]
@@ -99,11 +105,11 @@ def _backward_blocks(g2, x2, weight, base, r, c, need, dx):
         # P = Gᵀ X for this row block, written straight into dW's storage when dW is wanted.
         p = torch.mm(gb.t(), x2, out=dw[s:e]) if need_dw else gb.t() @ x2
         if need_dr or need_dc:
-            q = (weight[s:e].float() - base[s:e].float()).mul_(p)  # Q = P ⊙ (W − B), in fp32
+            q = (weight[s:e].to(acc) - base[s:e].to(acc)).mul_(p)  # Q = P ⊙ (W − B), in ≥ fp32
             if need_dr:
-                dr[s:e] = q @ c.float()
+                dr[s:e] = q @ c.to(acc)
             if need_dc:
-                dc += q.t() @ r[s:e].float()
+                dc += q.t() @ r[s:e].to(acc)
             del q
         if need_dw:
             p.mul_(r[s:e, None]).mul_(c[None, :])
@@ -144,8 +150,9 @@ class _MaskedDeltaLinearTorch(torch.autograd.Function):
 
 
 def _swiglu_grads(dh, g, u):
-    """d/dg and d/du of silu(g) * u, computed in fp32 and returned in g's dtype."""
-    gf, uf, dhf = g.float(), u.float(), dh.float()
+    """d/dg and d/du of silu(g) * u, computed in (at least) fp32 and returned in g's dtype."""
+    acc = _acc_dtype(g.dtype)
+    gf, uf, dhf = g.to(acc), u.to(acc), dh.to(acc)
     sg = torch.sigmoid(gf)
     du = dhf * gf * sg
     dg = dhf * uf * sg * (1 + gf * (1 - sg))
