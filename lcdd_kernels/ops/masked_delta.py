@@ -204,11 +204,17 @@ _AUTO = ("triton", "torch")
 
 
 def _autocast(*ts):
-    """Apply the ambient autocast dtype to the float operands, as nn.Linear would get it."""
-    dev = next(t for t in ts if t is not None).device.type
+    """Apply the ambient autocast dtype to the float operands, as nn.Linear would get it.
+
+    Runs before the checks (under autocast x arrives in the autocast dtype while the weights are
+    fp32); anything that is not a floating tensor is passed through for the checks to name."""
+    tensors = [t for t in ts if isinstance(t, torch.Tensor)]
+    if not tensors:
+        return ts
+    dev = tensors[0].device.type
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
-        return tuple(None if t is None else t.to(dt) for t in ts)
+        return tuple(t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in ts)
     return ts
 
 
@@ -266,8 +272,8 @@ def masked_delta_linear(x, weight, base_weight, row_mask, col_mask, bias=None, *
         and bias. Masks may be any floating dtype; they are applied in x's dtype.
     """
     op = "masked_delta_linear"
-    _check_projection(op, x, [("weight", weight, "base_weight", base_weight)], row_mask, col_mask, bias)
     x, weight, base_weight, bias = _autocast(x, weight, base_weight, bias)
+    _check_projection(op, x, [("weight", weight, "base_weight", base_weight)], row_mask, col_mask, bias)
     r, c = row_mask.to(x.dtype), col_mask.to(x.dtype)
     name = _pick(op, x.device, backend)
     if name == "reference":
@@ -292,12 +298,12 @@ def masked_delta_swiglu(x, gate_weight, gate_base, up_weight, up_base, hidden_ma
         computed once and kept once for backward.
     """
     op = "masked_delta_swiglu"
+    x, gate_weight, gate_base, up_weight, up_base = _autocast(x, gate_weight, gate_base, up_weight, up_base)
     _check_projection(
         op, x,
         [("gate_weight", gate_weight, "gate_base", gate_base), ("up_weight", up_weight, "up_base", up_base)],
         hidden_mask, read_mask, row_name="hidden_mask", col_name="read_mask",
     )
-    x, gate_weight, gate_base, up_weight, up_base = _autocast(x, gate_weight, gate_base, up_weight, up_base)
     r, c = hidden_mask.to(x.dtype), read_mask.to(x.dtype)
     name = _pick(op, x.device, backend)
     if name == "reference":
