@@ -40,6 +40,21 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
+def check_flat_theta(theta, family: Family, dims: Dims) -> torch.Tensor:
+    """θ as a flat tensor of the model's mask count, or a ValueError naming the expected layout."""
+    theta = torch.as_tensor(theta)
+    n = dims.num_masks
+    if theta.dim() != 1 or theta.numel() != n:
+        sizes = ", ".join(f"{g} {s}" for g, s in dims.group_sizes().items())
+        raise ValueError(
+            f"theta has shape {tuple(theta.shape)} but this {family.name} model needs a flat "
+            f"vector of {n} mask logits ({dims.num_layers} layers x {dims.masks_per_layer} "
+            f"per layer: {sizes}); was it trained on another model?")
+    if not torch.is_floating_point(theta) or not bool(torch.isfinite(theta).all()):
+        raise ValueError("theta must hold finite floating-point mask logits")
+    return theta
+
+
 class LCDDHandle:
     """What :func:`apply_lcdd` returns. Attributes: ``model``, ``family``, ``dims``,
     ``masks`` (one HeavisideMask per decoder layer; ``masks[i].group("q")``), ``modules``
@@ -93,16 +108,7 @@ class LCDDHandle:
     def set_flat_theta(self, theta: torch.Tensor) -> None:
         """Load logits in the flat layout of :meth:`flat_theta` (e.g. the authors' ``theta``)."""
         self._live()
-        theta = torch.as_tensor(theta)
-        n = self.dims.num_masks
-        if theta.dim() != 1 or theta.numel() != n:
-            sizes = ", ".join(f"{g} {s}" for g, s in self.dims.group_sizes().items())
-            raise ValueError(
-                f"theta has shape {tuple(theta.shape)} but this {self.family.name} model needs a flat "
-                f"vector of {n} mask logits ({self.dims.num_layers} layers x {self.dims.masks_per_layer} "
-                f"per layer: {sizes}); was it trained on another model?")
-        if not torch.is_floating_point(theta) or not bool(torch.isfinite(theta).all()):
-            raise ValueError("theta must hold finite floating-point mask logits")
+        theta = check_flat_theta(theta, self.family, self.dims)
         per = self.dims.masks_per_layer
         with torch.no_grad():
             for i, m in enumerate(self.masks):
@@ -216,6 +222,8 @@ def apply_lcdd(model: nn.Module, base, theta: torch.Tensor | None = None, init_m
     if act not in ("silu", "swish"):
         raise ValueError(f"apply_lcdd: the MLP activation is {act!r}; the fused masked-delta SwiGLU needs silu")
     check_projection_shapes(model, dims)
+    if theta is not None:
+        theta = check_flat_theta(theta, fam, dims)
     state, base_name = _base_state(base, model, fam, dims)
 
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
@@ -248,7 +256,8 @@ def apply_lcdd(model: nn.Module, base, theta: torch.Tensor | None = None, init_m
                 layer.set_submodule(path, mod)
         shell = get_submodule(layer, fam.mlp)
         for path in (fam.gate, fam.up, fam.down):
-            delattr(shell, path.rsplit(".", 1)[-1])  # the shell keeps no reference to W
+            # The shell keeps no reference to W; None keeps the slot so restore() keeps module order.
+            setattr(shell, path.rsplit(".", 1)[-1], None)
         layer.set_submodule(fam.mlp, MaskedDeltaSwiGLU(patched[fam.gate], patched[fam.up], patched[fam.down], shell))
 
     handle = LCDDHandle(model, fam, dims, masks, modules, base_name, flags)

@@ -1,0 +1,84 @@
+"""An independent LCDD model written from SPEC §1–§3 literally, for the model-level tests.
+
+It shares nothing with lcdd_kernels' patching: it takes a plain (unpatched) Hugging Face model whose
+non-projection parameters are the base's, builds every ``W_eff = B + (r cᵀ) ⊙ (W − B)`` densely from
+leaf tensors ``W`` and ``θ`` with the mask value ``1[θ>0] − σ(θ).detach() + σ(θ)``, and runs the
+model with ``torch.func.functional_call``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# SPEC §2, in order: name, length as a function of the config.
+SPEC_GROUPS = ["ffn_read", "ffn_hidden", "ffn_write", "attn_read", "q", "k", "v", "attn_write"]
+# projection (relative to a decoder layer) -> (row group, column group)
+SPEC_PROJECTIONS = {
+    "self_attn.q_proj": ("q", "attn_read"),
+    "self_attn.k_proj": ("k", "attn_read"),
+    "self_attn.v_proj": ("v", "attn_read"),
+    "self_attn.o_proj": ("attn_write", "v*"),  # v expanded over the query heads of each kv head
+    "mlp.gate_proj": ("ffn_hidden", "ffn_read"),
+    "mlp.up_proj": ("ffn_hidden", "ffn_read"),
+    "mlp.down_proj": ("ffn_write", "ffn_hidden"),
+}
+
+
+def config_dims(config):
+    heads = config.num_attention_heads
+    kv = config.num_key_value_heads
+    hd = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return config.num_hidden_layers, config.hidden_size, config.intermediate_size, heads, kv, hd
+
+
+def group_lengths(config) -> list[int]:
+    _, d, dff, heads, kv, hd = config_dims(config)
+    return [d, dff, d, d, heads * hd, kv * hd, kv * hd, d]
+
+
+def spec_mask(theta: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(theta)
+    return (theta > 0).to(theta.dtype) - s.detach() + s
+
+
+def layer_masks(theta_flat: torch.Tensor, config, layer: int) -> dict[str, torch.Tensor]:
+    lengths = group_lengths(config)
+    per = sum(lengths)
+    parts = torch.split(theta_flat[layer * per:(layer + 1) * per], lengths)
+    masks = {name: spec_mask(t) for name, t in zip(SPEC_GROUPS, parts)}
+    _, _, _, heads, kv, hd = config_dims(config)
+    masks["v*"] = masks["v"].view(kv, hd).repeat_interleave(heads // kv, dim=0).reshape(-1)
+    return masks
+
+
+def projection_names(config) -> list[str]:
+    return [f"model.layers.{i}.{p}" for i in range(config.num_hidden_layers) for p in SPEC_PROJECTIONS]
+
+
+class SpecLCDD:
+    """The reference LCDD model: ``W`` (dict of leaf tensors), ``B`` (frozen), ``theta`` (flat leaf)."""
+
+    def __init__(self, plain_model, sft_state: dict, base_state: dict, theta: torch.Tensor):
+        self.model = plain_model
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        names = projection_names(plain_model.config)
+        self.W = {n: sft_state[f"{n}.weight"].detach().clone().requires_grad_(True) for n in names}
+        self.B = {n: base_state[f"{n}.weight"].detach().clone() for n in names}
+        self.theta = theta.detach().clone().requires_grad_(True)
+
+    def effective_weights(self) -> dict[str, torch.Tensor]:
+        cfg = self.model.config
+        out = {}
+        for i in range(cfg.num_hidden_layers):
+            m = layer_masks(self.theta, cfg, i)
+            for proj, (rg, cg) in SPEC_PROJECTIONS.items():
+                n = f"model.layers.{i}.{proj}"
+                out[f"{n}.weight"] = self.B[n] + torch.outer(m[rg], m[cg]) * (self.W[n] - self.B[n])
+        return out
+
+    def __call__(self, **batch):
+        return torch.func.functional_call(self.model, self.effective_weights(), args=(), kwargs=batch)
+
+    def l0(self) -> torch.Tensor:
+        return torch.sigmoid(self.theta).sum()
