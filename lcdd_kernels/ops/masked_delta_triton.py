@@ -1,0 +1,579 @@
+"""Triton backend of the masked-delta projection (SPEC §1) and of its fused SwiGLU.
+
+Called by :mod:`lcdd_kernels.ops.masked_delta` once it has validated the arguments, applied
+autocast and cast the masks to x's dtype. Importing this module defines Triton kernels, so it is
+imported lazily (``TRITON_INTERPRET`` must be set before, for CPU tensors).
+
+Two designs, both complete (forward and every gradient), chosen per call by :func:`choose_design`:
+
+* ``fused``: Triton GEMMs that form ``W_eff = B + (r cᵀ) ⊙ (W − B)`` tile by tile in registers as
+  they load the weight operand (forward ``y = x W_effᵀ + b``, backward ``dx = G W_eff``), and a
+  ``P = Gᵀ X`` kernel whose epilogue turns each P tile into ``dW = P ⊙ (r cᵀ)`` and per-tile partial
+  sums of ``dr`` and ``dc`` (reduced afterwards in a fixed order: deterministic, no atomics). No
+  weight-sized tensor exists besides the inputs and dW.
+* ``split``: cuBLAS GEMMs (``torch.mm``) plus fused Triton element/reduction kernels: one pass
+  writes ``W_eff`` one block at a time (≈1/16 of a weight, as the torch backend does), and one
+  pass turns ``P = Gᵀ X`` (written by cuBLAS straight into dW's storage) into dW, dr and dc in
+  place.
+
+Dispatch (why): with few tokens a projection is bound by reading its weights. ``fused`` reads W
+and B once per token tile and never writes W_eff, while ``split`` reads W and B, writes W_eff and
+reads it back (about twice the weight traffic) and adds launches. Every token tile of ``fused``
+re-forms W_eff, however, which costs CUDA-core work and weight re-reads in proportion to
+T / BLOCK_M, while cuBLAS is the better GEMM at large sizes and ``split`` pays its O(N·K) pass
+once, so many tokens favour ``split``. ``FUSED_MAX_TOKENS`` is the crossover.
+
+All accumulation is fp32 (``tl.dot`` into an fp32 accumulator, mask-gradient sums in fp32) with
+one rounding at the store, as cuBLAS does. Nothing weight-sized is saved for backward: the
+Functions save their inputs (and, for SwiGLU, the gate and up pre-activations in one (T, 2, F)
+buffer) and rebuild W_eff where needed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .masked_delta import _row_blocks
+
+__all__ = ["masked_delta_linear", "masked_delta_swiglu", "choose_design", "DESIGNS", "FUSED_MAX_TOKENS"]
+
+DESIGNS = ("fused", "split")
+
+#: Token count up to which ``fused`` is used (above it ``split``). PROVISIONAL: chosen from the
+#: cost model in the module docstring without a GPU measurement; the GPU benchmark
+#: (``LCDD_TRITON_DESIGN=fused|split`` side by side over T) sets it.
+FUSED_MAX_TOKENS = 1024
+
+
+def choose_design(tokens: int) -> str:
+    """The design for a call with ``tokens`` rows of x; ``LCDD_TRITON_DESIGN`` (read at call time)
+    forces one (``fused`` or ``split``; ``auto`` or unset chooses by shape)."""
+    name = os.environ.get("LCDD_TRITON_DESIGN", "auto").strip().lower()
+    if name in ("", "auto"):
+        return "fused" if tokens <= FUSED_MAX_TOKENS else "split"
+    if name not in DESIGNS:
+        raise ValueError(
+            f"LCDD_TRITON_DESIGN={name!r} is not a Triton design; set it to fused, split or auto (or unset it)"
+        )
+    return name
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configurations. On CUDA the GEMM kernels are autotuned; under the interpreter (numpy,
+# one program at a time) a single small config keeps the tests fast, and autotune with one
+# config just uses it without benchmarking.
+# ---------------------------------------------------------------------------------------------
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+#: (rows of the output tile, columns of the output tile, reduction step, num_warps, num_stages).
+#: Small row tiles serve the few-token calls that ``fused`` is dispatched for.
+_GEMM_SHAPES = [
+    (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4),
+]
+_DW_SHAPES = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4)]
+_INTERPRET_SHAPE = (64, 64, 64, 1, 1)
+
+#: Tile (rows, columns) and warps of the memory-bound element kernels (not autotuned: the dW
+#: epilogue works in place, so rerunning it to time configs would corrupt its result).
+_ELEM_BLOCK, _ELEM_WARPS = ((64, 64), 1) if _INTERPRET else ((64, 128), 8)
+
+
+def _autotune(names, shapes, key):
+    shapes = [_INTERPRET_SHAPE] if _INTERPRET else shapes
+    configs = [triton.Config(dict(zip(names, s[:3])), num_warps=s[3], num_stages=s[4]) for s in shapes]
+    return triton.autotune(configs=configs, key=key)
+
+
+#: The dW partial-sum buffers are allocated before autotuning picks a tile, so the fused dW
+#: kernel writes its partial sums at the granularity of the smallest tile any config uses. The
+#: interpreter uses half its tile, so that the tests run the several-parts-per-tile path too.
+_DW_PART_N, _DW_PART_K = (
+    (_INTERPRET_SHAPE[0] // 2, _INTERPRET_SHAPE[1] // 2) if _INTERPRET
+    else (min(s[0] for s in _DW_SHAPES), min(s[1] for s in _DW_SHAPES))
+)
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 GEMMs in full fp32 unless torch allows TF32 (as cuBLAS would); ignored for fp16/bf16."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _bucket(tokens: int) -> int:
+    """Autotune key for the token count: a new tuning per power of two, not per batch shape."""
+    return triton.next_power_of_2(max(tokens, 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels. Weights and bases are row-major contiguous (N, K); activations are strided.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _weff_tile(w_ptrs, b_ptrs, rc, mask):
+    """One tile of W_eff = B + (r cᵀ) ⊙ (W − B) in fp32; ``rc`` is the tile of r cᵀ."""
+    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return b + rc * (w - b)
+
+
+@triton.jit
+def _dw_epilogue(p, w_ptr, b_ptr, r_ptr, c_ptr, dw_ptr, dr_part_ptr, dc_part_ptr, offs_n, offs_k, N, K,
+                 stride_drp, pid_n, pid_k, STORE_DW: tl.constexpr, NEED_DR: tl.constexpr, NEED_DC: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PART_N: tl.constexpr, PART_K: tl.constexpr):
+    """From one fp32 (BLOCK_N, BLOCK_K) tile of P = Gᵀ X: dW = P ⊙ (r cᵀ), and partial sums
+    dr_i = Σ_j P_ij c_j (W − B)_ij over each PART_K columns (row j // PART_K of dr_part, (·, N)) and
+    dc_j = Σ_i P_ij r_i (W − B)_ij over each PART_N rows (row i // PART_N of dc_part, (·, K)).
+    Partials at a fixed granularity, not per tile, so every autotuned tile fills the same buffers
+    exactly once (no zeroing, and nothing stale from the configs tried while tuning)."""
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    mask = mask_n[:, None] & mask_k[None, :]
+    r = tl.load(r_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    offs = offs_n[:, None] * K + offs_k[None, :]
+    if STORE_DW:
+        tl.store(dw_ptr + offs, (p * (r[:, None] * c[None, :])).to(dw_ptr.dtype.element_ty), mask=mask)
+    if NEED_DR or NEED_DC:
+        w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        q = p * (w - b)
+        if NEED_DR:
+            qc = q * c[None, :]
+            for j in tl.static_range(BLOCK_K // PART_K):
+                row = pid_k * (BLOCK_K // PART_K) + j
+                part = tl.sum(tl.where((tl.arange(0, BLOCK_K) // PART_K == j)[None, :], qc, 0.0), axis=1)
+                tl.store(dr_part_ptr + row * stride_drp + offs_n, part, mask=mask_n & (row * PART_K + 0 * offs_n < K))
+        if NEED_DC:
+            qr = q * r[:, None]
+            for j in tl.static_range(BLOCK_N // PART_N):
+                row = pid_n * (BLOCK_N // PART_N) + j
+                part = tl.sum(tl.where((tl.arange(0, BLOCK_N) // PART_N == j)[:, None], qr, 0.0), axis=0)
+                tl.store(dc_part_ptr + row * K + offs_k, part, mask=mask_k & (row * PART_N + 0 * offs_k < N))
+
+
+@_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _GEMM_SHAPES, key=["M_BUCKET", "N", "K", "SWIGLU"])
+@triton.jit
+def _masked_delta_forward_kernel(
+    x_ptr, w_ptr, b_ptr, w2_ptr, b2_ptr, r_ptr, c_ptr, bias_ptr, out_ptr, gu_ptr,
+    T, N, K, stride_xt, stride_xk, M_BUCKET,
+    SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """out (T, N) = x W_effᵀ (+ bias). With SWIGLU, W/B are the gate and W2/B2 the up weights,
+    both accumulated from one load of each x tile; g and u go to gu (T, 2, N) and
+    out = silu(g) · u. Token tiles vary fastest over the grid, so programs running together
+    share weight tiles in L2. ``M_BUCKET`` only keys the autotuner."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < T
+    mask_n = offs_n < N
+    r = tl.load(r_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        c = tl.load(c_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        offs_w = offs_n[None, :] * K + offs_k[:, None]  # the (BLOCK_K, BLOCK_N) tile of Wᵀ
+        mask_w = mask_k[:, None] & mask_n[None, :]
+        rc = c[:, None] * r[None, :]
+        wt = _weff_tile(w_ptr + offs_w, b_ptr + offs_w, rc, mask_w).to(x_ptr.dtype.element_ty)
+        acc = tl.dot(x, wt, acc, input_precision=DOT_PRECISION)
+        if SWIGLU:
+            wt2 = _weff_tile(w2_ptr + offs_w, b2_ptr + offs_w, rc, mask_w).to(x_ptr.dtype.element_ty)
+            acc2 = tl.dot(x, wt2, acc2, input_precision=DOT_PRECISION)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SWIGLU:
+        gu = gu_ptr + offs_m[:, None] * (2 * N) + offs_n[None, :]
+        tl.store(gu, acc.to(gu_ptr.dtype.element_ty), mask=mask)
+        tl.store(gu + N, acc2.to(gu_ptr.dtype.element_ty), mask=mask)
+        acc = acc * tl.sigmoid(acc) * acc2
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@_autotune(("BLOCK_M", "BLOCK_K", "BLOCK_N"), _GEMM_SHAPES, key=["M_BUCKET", "N", "K", "TWO"])
+@triton.jit
+def _masked_delta_backward_dx_kernel(
+    g_ptr, w_ptr, b_ptr, w2_ptr, b2_ptr, r_ptr, c_ptr, dx_ptr,
+    T, N, K, stride_gt, stride_gp, stride_gn, M_BUCKET,
+    TWO: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dx (T, K) = G₀ W_eff (+ G₁ W2_eff when TWO) in one loop over N; G is (T, 1 or 2, N)."""
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_m = offs_m < T
+    mask_k = offs_k < K
+    c = tl.load(c_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        g_ptrs = g_ptr + offs_m[:, None] * stride_gt + offs_n[None, :] * stride_gn
+        mask_g = mask_m[:, None] & mask_n[None, :]
+        r = tl.load(r_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        offs_w = offs_n[:, None] * K + offs_k[None, :]
+        mask_w = mask_n[:, None] & mask_k[None, :]
+        rc = r[:, None] * c[None, :]
+        g = tl.load(g_ptrs, mask=mask_g, other=0.0)
+        w = _weff_tile(w_ptr + offs_w, b_ptr + offs_w, rc, mask_w).to(g_ptr.dtype.element_ty)
+        acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)
+        if TWO:
+            g2 = tl.load(g_ptrs + stride_gp, mask=mask_g, other=0.0)
+            w2 = _weff_tile(w2_ptr + offs_w, b2_ptr + offs_w, rc, mask_w).to(g_ptr.dtype.element_ty)
+            acc = tl.dot(g2, w2, acc, input_precision=DOT_PRECISION)
+    tl.store(dx_ptr + offs_m[:, None] * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_k[None, :])
+
+
+@_autotune(("BLOCK_N", "BLOCK_K", "BLOCK_T"), _DW_SHAPES, key=["M_BUCKET", "N", "K"])
+@triton.jit
+def _masked_delta_backward_dw_kernel(
+    g_ptr, x_ptr, w_ptr, b_ptr, r_ptr, c_ptr, dw_ptr, dr_part_ptr, dc_part_ptr,
+    T, N, K, stride_gt, stride_gn, stride_xt, stride_xk, stride_drp, M_BUCKET,
+    STORE_DW: tl.constexpr, NEED_DR: tl.constexpr, NEED_DC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PART_N: tl.constexpr, PART_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """One (BLOCK_N, BLOCK_K) tile of P = Gᵀ X, accumulated over all T tokens in fp32, then
+    :func:`_dw_epilogue`. G is (T, N), X is (T, K)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
+        mask_t = offs_t < T
+        g = tl.load(g_ptr + offs_t[:, None] * stride_gt + offs_n[None, :] * stride_gn,
+                    mask=mask_t[:, None] & (offs_n[None, :] < N), other=0.0)
+        x = tl.load(x_ptr + offs_t[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                    mask=mask_t[:, None] & (offs_k[None, :] < K), other=0.0)
+        acc = tl.dot(tl.trans(g), x, acc, input_precision=DOT_PRECISION)
+    _dw_epilogue(acc, w_ptr, b_ptr, r_ptr, c_ptr, dw_ptr, dr_part_ptr, dc_part_ptr, offs_n, offs_k, N, K,
+                 stride_drp, pid_n, pid_k, STORE_DW, NEED_DR, NEED_DC, BLOCK_N, BLOCK_K, PART_N, PART_K)
+
+
+@triton.jit
+def _masked_delta_weff_kernel(w_ptr, b_ptr, r_ptr, c_ptr, out_ptr, N, K, stride_w, stride_out,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out (N, K) = one block of W_eff, from W/B blocks with row stride ``stride_w``."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    mask_k = offs_k < K
+    mask = mask_n[:, None] & mask_k[None, :]
+    r = tl.load(r_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    c = tl.load(c_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    offs = offs_n[:, None] * stride_w + offs_k[None, :]
+    weff = _weff_tile(w_ptr + offs, b_ptr + offs, r[:, None] * c[None, :], mask)
+    tl.store(out_ptr + offs_n[:, None] * stride_out + offs_k[None, :], weff.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _masked_delta_dw_epilogue_kernel(p_ptr, w_ptr, b_ptr, r_ptr, c_ptr, dw_ptr, dr_part_ptr, dc_part_ptr,
+                                     N, K, stride_drp, STORE_DW: tl.constexpr, NEED_DR: tl.constexpr,
+                                     NEED_DC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """:func:`_dw_epilogue` over a P (N, K) that cuBLAS wrote (dW may be P itself: in place)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    p = tl.load(p_ptr + offs_n[:, None] * K + offs_k[None, :],
+                mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+    _dw_epilogue(p, w_ptr, b_ptr, r_ptr, c_ptr, dw_ptr, dr_part_ptr, dc_part_ptr, offs_n, offs_k, N, K,
+                 stride_drp, pid_n, pid_k, STORE_DW, NEED_DR, NEED_DC, BLOCK_N, BLOCK_K, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _swiglu_forward_kernel(gu_ptr, h_ptr, T, F, BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
+    """h (T, F) = silu(g) · u from gu (T, 2, F), in fp32, rounded once."""
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask = (offs_t[:, None] < T) & (offs_f[None, :] < F)
+    gu = gu_ptr + offs_t[:, None] * (2 * F) + offs_f[None, :]
+    g = tl.load(gu, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu + F, mask=mask, other=0.0).to(tl.float32)
+    tl.store(h_ptr + offs_t[:, None] * F + offs_f[None, :], (g * tl.sigmoid(g) * u).to(h_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _swiglu_backward_kernel(dh_ptr, gu_ptr, dgu_ptr, T, F, stride_dht, stride_dhf,
+                            BLOCK_T: tl.constexpr, BLOCK_F: tl.constexpr):
+    """dgu (T, 2, F) = (dL/dg, dL/du) of h = silu(g) · u, with silu(g) recomputed, in fp32."""
+    offs_t = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask = (offs_t[:, None] < T) & (offs_f[None, :] < F)
+    offs = offs_t[:, None] * (2 * F) + offs_f[None, :]
+    g = tl.load(gu_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + offs + F, mask=mask, other=0.0).to(tl.float32)
+    dh = tl.load(dh_ptr + offs_t[:, None] * stride_dht + offs_f[None, :] * stride_dhf, mask=mask,
+                 other=0.0).to(tl.float32)
+    s = tl.sigmoid(g)
+    tl.store(dgu_ptr + offs, (dh * u * s * (1.0 + g * (1.0 - s))).to(dgu_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgu_ptr + offs + F, (dh * g * s).to(dgu_ptr.dtype.element_ty), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host launchers. ``pairs`` is [(W, B)] for a linear layer or [(Wg, Bg), (Wu, Bu)] for SwiGLU,
+# each contiguous (N, K); x2 is (T, K) and may be strided.
+# ---------------------------------------------------------------------------------------------
+
+
+def _elem_grid(n: int, k: int):
+    return triton.cdiv(n, _ELEM_BLOCK[0]), triton.cdiv(k, _ELEM_BLOCK[1])
+
+
+def _swiglu_forward(gu, h):
+    """h (T, F) ← silu(g) · u for gu (T, 2, F)."""
+    t, _, f = gu.shape
+    if t:
+        _swiglu_forward_kernel[_elem_grid(t, f)](gu, h, t, f, BLOCK_T=_ELEM_BLOCK[0], BLOCK_F=_ELEM_BLOCK[1],
+                                                 num_warps=_ELEM_WARPS)
+
+
+def _swiglu_backward(dh, gu):
+    """(T, 2, F) gradients with respect to g and u, from dh (T, F) and gu (T, 2, F)."""
+    t, _, f = gu.shape
+    dgu = torch.empty_like(gu)
+    if t:
+        _swiglu_backward_kernel[_elem_grid(t, f)](dh, gu, dgu, t, f, dh.stride(0), dh.stride(1),
+                                                  BLOCK_T=_ELEM_BLOCK[0], BLOCK_F=_ELEM_BLOCK[1],
+                                                  num_warps=_ELEM_WARPS)
+    return dgu
+
+
+def _outputs(x2, pairs):
+    """(out (T, N), gu (T, 2, N) for SwiGLU else None), uninitialised."""
+    t, n = x2.shape[0], pairs[0][0].shape[0]
+    return x2.new_empty(t, n), (x2.new_empty(t, 2, n) if len(pairs) == 2 else None)
+
+
+def _fused_forward(x2, pairs, r, c, bias):
+    t, k = x2.shape
+    n = pairs[0][0].shape[0]
+    out, gu = _outputs(x2, pairs)
+    if t:
+        (w, b), (w2, b2) = pairs[0], pairs[-1]
+        grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
+        _masked_delta_forward_kernel[grid](
+            x2, w, b, w2, b2, r, c, bias, out, gu, t, n, k, x2.stride(0), x2.stride(1), _bucket(t),
+            SWIGLU=gu is not None, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x2.dtype),
+        )
+    return out, gu
+
+
+def _fused_dx(g, pairs, r, c):
+    """dx (T, K) = Σ_p G[:, p] W_eff,p for g (T, len(pairs), N), in one kernel."""
+    t, _, n = g.shape
+    k = pairs[0][0].shape[1]
+    dx = g.new_empty(t, k)
+    if t:
+        (w, b), (w2, b2) = pairs[0], pairs[-1]
+        grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
+        _masked_delta_backward_dx_kernel[grid](
+            g, w, b, w2, b2, r, c, dx, t, n, k, g.stride(0), g.stride(1), g.stride(2), _bucket(t),
+            TWO=len(pairs) == 2, DOT_PRECISION=_dot_precision(g.dtype),
+        )
+    return dx
+
+
+def _fused_dw(g, x2, w, b, r, c, need_dw, need_dr, need_dc):
+    """(dW, dr, dc) of one weight from G (T, N) and X (T, K); each None unless needed; dr, dc fp32."""
+    if not (need_dw or need_dr or need_dc):
+        return None, None, None
+    t, k = x2.shape
+    n = w.shape[0]
+    dw = torch.empty_like(w) if need_dw else None
+    f32 = dict(dtype=torch.float32, device=w.device)
+    dr_part = torch.empty(triton.cdiv(k, _DW_PART_K), n, **f32) if need_dr else None
+    dc_part = torch.empty(triton.cdiv(n, _DW_PART_N), k, **f32) if need_dc else None
+    grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), triton.cdiv(k, meta["BLOCK_K"]))  # noqa: E731
+    _masked_delta_backward_dw_kernel[grid](
+        g, x2, w, b, r, c, dw, dr_part, dc_part, t, n, k, g.stride(0), g.stride(1), x2.stride(0), x2.stride(1),
+        n, _bucket(t), STORE_DW=need_dw, NEED_DR=need_dr, NEED_DC=need_dc, DOT_PRECISION=_dot_precision(x2.dtype),
+        PART_N=_DW_PART_N, PART_K=_DW_PART_K,
+    )
+    return dw, _sum_rows(dr_part), _sum_rows(dc_part)
+
+
+def _sum_rows(part):
+    return None if part is None else part.sum(0)
+
+
+def _weff_into(out, w, b, r, c):
+    """out (n, k) ← W_eff of the (n, k) views w, b (row stride of the full weight)."""
+    n, k = out.shape
+    _masked_delta_weff_kernel[_elem_grid(n, k)](w, b, r, c, out, n, k, w.stride(0), out.stride(0),
+                                                BLOCK_N=_ELEM_BLOCK[0], BLOCK_K=_ELEM_BLOCK[1], num_warps=_ELEM_WARPS)
+    return out
+
+
+def _split_forward(x2, pairs, r, c, bias):
+    """Row blocks of W_eff, each written once and consumed by one cuBLAS GEMM per weight."""
+    out, gu = _outputs(x2, pairs)
+    targets = [out] if gu is None else [gu[:, 0], gu[:, 1]]
+    n, k = pairs[0][0].shape
+    for s, e in _row_blocks(n, k):
+        weff = x2.new_empty(e - s, k)
+        for (w, b), y in zip(pairs, targets):
+            torch.mm(x2, _weff_into(weff, w[s:e], b[s:e], r[s:e], c).t(), out=y[:, s:e])
+    if gu is not None:
+        _swiglu_forward(gu, out)
+    elif bias is not None:
+        out.add_(bias)
+    return out, gu
+
+
+def _split_dx(g, pairs, r, c):
+    """dx = [G₀ G₁ …] [W_eff,0; W_eff,1; …] by column blocks of K: every dx column block is one
+    cuBLAS GEMM over all weights stacked (rounded once), from a small transient."""
+    t, p, n = g.shape
+    k = pairs[0][0].shape[1]
+    g_all = g.reshape(t, p * n)
+    dx = g.new_empty(t, k)
+    for s, e in _row_blocks(k, n):  # the same blocking, over columns
+        weff = g.new_empty(p * n, e - s)
+        for i, (w, b) in enumerate(pairs):
+            _weff_into(weff[i * n:(i + 1) * n], w[:, s:e], b[:, s:e], r, c[s:e])
+        torch.mm(g_all, weff, out=dx[:, s:e])
+    return dx
+
+
+def _split_dw(g, x2, w, b, r, c, need_dw, need_dr, need_dc):
+    """cuBLAS writes P = Gᵀ X straight into dW's storage (one GEMM) and the epilogue kernel turns
+    it into dW in place; without dW, P lives one row block at a time."""
+    if not (need_dw or need_dr or need_dc):
+        return None, None, None
+    n, k = w.shape
+    bn, bk = _ELEM_BLOCK
+    dw = torch.empty_like(w) if need_dw else None
+    blocks = [(0, n)] if need_dw else _row_blocks(n, k)
+    f32 = dict(dtype=torch.float32, device=w.device)
+    dr_part = torch.empty(triton.cdiv(k, bk), n, **f32) if need_dr else None
+    dc_part = torch.empty(sum(triton.cdiv(e - s, bn) for s, e in blocks), k, **f32) if need_dc else None
+    tile0 = 0
+    for s, e in blocks:
+        p = torch.mm(g[:, s:e].t(), x2, out=dw) if need_dw else g[:, s:e].t() @ x2
+        _masked_delta_dw_epilogue_kernel[_elem_grid(e - s, k)](
+            p, w[s:e], b[s:e], r[s:e], c, dw, None if dr_part is None else dr_part[:, s:],
+            None if dc_part is None else dc_part[tile0:], e - s, k, n,
+            STORE_DW=need_dw, NEED_DR=need_dr, NEED_DC=need_dc, BLOCK_N=bn, BLOCK_K=bk, num_warps=_ELEM_WARPS,
+        )
+        tile0 += triton.cdiv(e - s, bn)
+    return dw, _sum_rows(dr_part), _sum_rows(dc_part)
+
+
+class _Design(NamedTuple):
+    forward: object  # (x2, pairs, r, c, bias) -> (out (T, N), gu (T, 2, N) or None)
+    dx: object  # (g (T, P, N), pairs, r, c) -> dx (T, K)
+    dw: object  # (g (T, N), x2, w, b, r, c, need_dw, need_dr, need_dc) -> (dW, dr fp32, dc fp32)
+
+
+_IMPL = {
+    "fused": _Design(_fused_forward, _fused_dx, _fused_dw),
+    "split": _Design(_split_forward, _split_dx, _split_dw),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd Functions and the functions masked_delta.py calls
+# ---------------------------------------------------------------------------------------------
+
+
+class MaskedDeltaLinearFunction(torch.autograd.Function):
+    """Saves x, W, B, r, c only; the design chosen at forward time also runs the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, base, r, c, bias):
+        k, n = x.shape[-1], weight.shape[0]
+        x2 = x.reshape(-1, k)
+        design = choose_design(x2.shape[0])
+        y2, _ = _IMPL[design].forward(x2, [(weight.contiguous(), base.contiguous())], r, c, bias)
+        ctx.save_for_backward(x, weight, base, r, c)
+        ctx.design, ctx.has_bias = design, bias is not None
+        return y2.view(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, base, r, c = ctx.saved_tensors
+        nx, nw, _, nr, nc, nb = ctx.needs_input_grad
+        impl = _IMPL[ctx.design]
+        k, n = x.shape[-1], weight.shape[0]
+        x2 = x.reshape(-1, k)
+        g2 = gy.reshape(-1, n).to(x.dtype)
+        w, b = weight.contiguous(), base.contiguous()
+        dx = impl.dx(g2[:, None], [(w, b)], r, c).view(x.shape) if nx else None
+        dw, dr, dc = impl.dw(g2, x2, w, b, r, c, nw, nr, nc)
+        return (
+            dx,
+            dw,
+            None,
+            dr.to(r.dtype) if nr else None,
+            dc.to(c.dtype) if nc else None,
+            g2.sum(0) if (nb and ctx.has_bias) else None,
+        )
+
+
+class MaskedDeltaSwiGLUFunction(torch.autograd.Function):
+    """Saves x, the weights, the masks and gu = (g, u) in one (T, 2, F) buffer; silu(g) is
+    recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, x, wg, bg, wu, bu, r, c):
+        k, f = x.shape[-1], wg.shape[0]
+        x2 = x.reshape(-1, k)
+        design = choose_design(x2.shape[0])
+        pairs = [(wg.contiguous(), bg.contiguous()), (wu.contiguous(), bu.contiguous())]
+        h, gu = _IMPL[design].forward(x2, pairs, r, c, None)
+        ctx.save_for_backward(x, wg, bg, wu, bu, r, c, gu)
+        ctx.design = design
+        return h.view(*x.shape[:-1], f)
+
+    @staticmethod
+    def backward(ctx, dh):
+        x, wg, bg, wu, bu, r, c, gu = ctx.saved_tensors
+        nx, nwg, _, nwu, _, nr, nc = ctx.needs_input_grad
+        impl = _IMPL[ctx.design]
+        k, f = x.shape[-1], wg.shape[0]
+        x2 = x.reshape(-1, k)
+        pairs = [(wg.contiguous(), bg.contiguous()), (wu.contiguous(), bu.contiguous())]
+        dgu = _swiglu_backward(dh.reshape(-1, f), gu)
+        dx = impl.dx(dgu, pairs, r, c).view(x.shape) if nx else None
+        dwg, drg, dcg = impl.dw(dgu[:, 0], x2, *pairs[0], r, c, nwg, nr, nc)
+        dwu, dru, dcu = impl.dw(dgu[:, 1], x2, *pairs[1], r, c, nwu, nr, nc)
+        return (
+            dx,
+            dwg,
+            None,
+            dwu,
+            None,
+            (drg + dru).to(r.dtype) if nr else None,
+            (dcg + dcu).to(c.dtype) if nc else None,
+        )
+
+
+def masked_delta_linear(x, weight, base, r, c, bias=None):
+    """x (..., K), weight/base (N, K), r (N,), c (K,) in x's dtype, bias (N,) or None → (..., N)."""
+    return MaskedDeltaLinearFunction.apply(x, weight, base, r, c, bias)
+
+
+def masked_delta_swiglu(x, gate_weight, gate_base, up_weight, up_base, r, c):
+    """x (..., K), the four weights (F, K), r (F,), c (K,) in x's dtype → silu(g) · u, (..., F)."""
+    return MaskedDeltaSwiGLUFunction.apply(x, gate_weight, gate_base, up_weight, up_base, r, c)
