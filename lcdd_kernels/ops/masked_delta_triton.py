@@ -80,6 +80,10 @@ _GEMM_SHAPES = [
 ]
 _DW_SHAPES = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4)]
 _INTERPRET_SHAPE = (64, 64, 64, 1, 1)
+#: With LCDD_TRITON_AUTOTUNE=0 (read at import) CUDA uses this one config: for GPU test runs,
+#: where tuning every small test shape would cost more compile time than the tests themselves.
+_UNTUNED_SHAPE = (64, 64, 64, 4, 3)
+_TUNE = not _INTERPRET and os.environ.get("LCDD_TRITON_AUTOTUNE", "1") != "0"
 
 #: Tile (rows, columns) and warps of the memory-bound element kernels (not autotuned: the dW
 #: epilogue works in place, so rerunning it to time configs would corrupt its result).
@@ -87,7 +91,7 @@ _ELEM_BLOCK, _ELEM_WARPS = ((64, 64), 1) if _INTERPRET else ((64, 128), 8)
 
 
 def _autotune(names, shapes, key):
-    shapes = [_INTERPRET_SHAPE] if _INTERPRET else shapes
+    shapes = shapes if _TUNE else [_INTERPRET_SHAPE if _INTERPRET else _UNTUNED_SHAPE]
     configs = [triton.Config(dict(zip(names, s[:3])), num_warps=s[3], num_stages=s[4]) for s in shapes]
     return triton.autotune(configs=configs, key=key)
 
@@ -96,8 +100,9 @@ def _autotune(names, shapes, key):
 #: kernel writes its partial sums at the granularity of the smallest tile any config uses. The
 #: interpreter uses half its tile, so that the tests run the several-parts-per-tile path too.
 _DW_PART_N, _DW_PART_K = (
-    (_INTERPRET_SHAPE[0] // 2, _INTERPRET_SHAPE[1] // 2) if _INTERPRET
-    else (min(s[0] for s in _DW_SHAPES), min(s[1] for s in _DW_SHAPES))
+    (min(s[0] for s in _DW_SHAPES), min(s[1] for s in _DW_SHAPES)) if _TUNE
+    else (_INTERPRET_SHAPE[0] // 2, _INTERPRET_SHAPE[1] // 2) if _INTERPRET
+    else _UNTUNED_SHAPE[:2]
 )
 
 
