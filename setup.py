@@ -88,7 +88,8 @@ setup(
         "matplotlib>=3.7",  # curve and heatmap plots for training logs, benchmarks and the demo
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "psutil>=5"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "psutil>=5",
+                 "accelerate>=1.1"],  # transformers.Trainer needs it: the LCDDCallback test runs a Trainer
         "build": ["pybind11>=2.12", "cmake>=3.24", "ninja"],
     },
     entry_points={"console_scripts": ["lcdd=lcdd_kernels.cli:main"]},

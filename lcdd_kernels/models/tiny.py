@@ -32,13 +32,14 @@ _CHAT_TEMPLATE = (
 
 def tiny_tokenizer(chat_template: bool = True):
     """A character-level ``PreTrainedTokenizerFast`` over printable ASCII (works offline)."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     chars = [c for c in string.printable if c not in "\x0b\x0c\r"]
     vocab = {tok: i for i, tok in enumerate(_SPECIALS + chars)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()  # characters join without spaces
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>",
                                    eos_token="</s>", unk_token="<unk>")
     if chat_template:
