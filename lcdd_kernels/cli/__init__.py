@@ -11,6 +11,8 @@ import sys
 _MODULES = {
     "env": "lcdd env: the environment report to paste into bug reports",
     "bench": "lcdd bench <suite>: benchmarks, providers side by side",
+    "erase": "lcdd erase: optimise an SFT-Eraser trigger (SPEC §5)",
+    "eval": "lcdd eval: fixed-response rate, KL and choice accuracy, with or without a trigger (SPEC §6)",
 }
 
 

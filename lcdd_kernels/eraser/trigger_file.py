@@ -139,5 +139,6 @@ def load_trigger(directory: str | os.PathLike, model=None, allow_fingerprint_mis
                 f"{directory}: this trigger was optimised for another model (fingerprint "
                 f"{meta['model_fingerprint'][:19]}…, {meta['model']}); this model's is {fp[:19]}…. A trigger "
                 "reverses only the model it was optimised against: load the same model (with the same "
-                "carrier applied), or pass allow_fingerprint_mismatch=True to use it anyway")
+                "carrier applied), or pass allow_fingerprint_mismatch=True (CLI: --allow-fingerprint-mismatch) "
+                "to use it anyway")
     return trigger.to(model.get_input_embeddings().weight.device)
