@@ -43,6 +43,13 @@ _EXPORTS: dict[str, str] = {
     "load_carrier": ".carriers.format",
     "base_fingerprint": ".carriers.format",
     "apply_carrier": ".carriers.apply",
+    # carrier inference (SPEC §4): fused ops, many carriers per batch, merge / unmerge
+    "carrier_linear": ".ops.carrier",
+    "bank_linear": ".ops.carrier",
+    "CarrierBank": ".carriers.bank",
+    "apply_carrier_bank": ".carriers.bank",
+    "merge_carrier_": ".carriers.bank",
+    "unmerge_carrier_": ".carriers.bank",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -67,6 +74,7 @@ if TYPE_CHECKING:  # pragma: no cover - for static tools only
     from .dual import DualController  # noqa: F401
     from .eraser.capture import capture, carrier_channels  # noqa: F401
     from .carriers.apply import apply_carrier  # noqa: F401
+    from .carriers.bank import CarrierBank, apply_carrier_bank, merge_carrier_, unmerge_carrier_  # noqa: F401
     from .carriers.format import (  # noqa: F401
         Carrier,
         CarrierModule,
@@ -75,6 +83,7 @@ if TYPE_CHECKING:  # pragma: no cover - for static tools only
         load_carrier,
     )
     from .masks import HeavisideMask, heaviside_st  # noqa: F401
+    from .ops.carrier import bank_linear, carrier_linear  # noqa: F401
     from .models.authors import load_authors_masks  # noqa: F401
     from .models.families import decoder_layers, get_family  # noqa: F401
     from .models.patch import LCDDHandle, apply_lcdd  # noqa: F401

@@ -11,6 +11,9 @@
 
 namespace py = pybind11;
 
+static_assert(sizeof(lcdd_carrier_view) == 6 * sizeof(int64_t),
+              "lcdd_carrier_view must match the int64 (n, 6) tables built by lcdd_kernels");
+
 namespace {
 
 void check(lcdd_status s, const char* what) {
@@ -39,4 +42,47 @@ PYBIND11_MODULE(_C, m) {
                                        n_ch, ptr<void>(out), ob, oc),
               "lcdd_gather_channels_cpu");
       });
+
+  m.def("carrier_row_slots_cpu", [](std::uintptr_t rows, int64_t n_rows, int64_t n_out, std::uintptr_t slots) {
+    check(lcdd_carrier_row_slots_cpu(ptr<const int32_t>(rows), n_rows, n_out, ptr<int32_t>(slots)),
+          "lcdd_carrier_row_slots_cpu");
+  });
+
+  // carrier_linear_{cpu,cuda}(x, x_stride, base, bias, y, tokens, n_out, n_in, dtype, views, n_views, ids[, stream])
+  // carrier_add_{cpu,cuda}(x, x_stride, y, tokens, n_out, n_in, dtype, views, n_views, ids[, stream])
+  // views: address of an int64 (n_views, 6) array laid out as lcdd_carrier_view; ids: int32 or 0.
+  m.def("carrier_linear_cpu", [](std::uintptr_t x, int64_t xs, std::uintptr_t base, std::uintptr_t bias,
+                                 std::uintptr_t y, int64_t tokens, int64_t n_out, int64_t n_in, int dtype,
+                                 std::uintptr_t views, int64_t n_views, std::uintptr_t ids) {
+    py::gil_scoped_release nogil;
+    check(lcdd_carrier_linear_cpu(ptr<const void>(x), xs, ptr<const void>(base), ptr<const void>(bias), ptr<void>(y),
+                                  tokens, n_out, n_in, static_cast<lcdd_dtype>(dtype),
+                                  ptr<const lcdd_carrier_view>(views), n_views, ptr<const int32_t>(ids)),
+          "lcdd_carrier_linear_cpu");
+  });
+  m.def("carrier_add_cpu", [](std::uintptr_t x, int64_t xs, std::uintptr_t y, int64_t tokens, int64_t n_out,
+                              int64_t n_in, int dtype, std::uintptr_t views, int64_t n_views, std::uintptr_t ids) {
+    py::gil_scoped_release nogil;
+    check(lcdd_carrier_add_cpu(ptr<const void>(x), xs, ptr<void>(y), tokens, n_out, n_in,
+                               static_cast<lcdd_dtype>(dtype), ptr<const lcdd_carrier_view>(views), n_views,
+                               ptr<const int32_t>(ids)),
+          "lcdd_carrier_add_cpu");
+  });
+  m.def("carrier_linear_cuda", [](std::uintptr_t x, int64_t xs, std::uintptr_t base, std::uintptr_t bias,
+                                  std::uintptr_t y, int64_t tokens, int64_t n_out, int64_t n_in, int dtype,
+                                  std::uintptr_t views, int64_t n_views, std::uintptr_t ids, std::uintptr_t stream) {
+    check(lcdd_carrier_linear_cuda(ptr<const void>(x), xs, ptr<const void>(base), ptr<const void>(bias),
+                                   ptr<void>(y), tokens, n_out, n_in, static_cast<lcdd_dtype>(dtype),
+                                   ptr<const lcdd_carrier_view>(views), n_views, ptr<const int32_t>(ids),
+                                   reinterpret_cast<lcdd_stream>(stream)),
+          "lcdd_carrier_linear_cuda");
+  });
+  m.def("carrier_add_cuda", [](std::uintptr_t x, int64_t xs, std::uintptr_t y, int64_t tokens, int64_t n_out,
+                               int64_t n_in, int dtype, std::uintptr_t views, int64_t n_views, std::uintptr_t ids,
+                               std::uintptr_t stream) {
+    check(lcdd_carrier_add_cuda(ptr<const void>(x), xs, ptr<void>(y), tokens, n_out, n_in,
+                                static_cast<lcdd_dtype>(dtype), ptr<const lcdd_carrier_view>(views), n_views,
+                                ptr<const int32_t>(ids), reinterpret_cast<lcdd_stream>(stream)),
+          "lcdd_carrier_add_cuda");
+  });
 }

@@ -65,6 +65,64 @@ lcdd_status lcdd_gather_channels_cpu(const void* hidden, lcdd_dtype dtype, int64
                                      lcdd_index_dtype channel_dtype, int64_t n_channels, void* out,
                                      int64_t out_stride_b, int64_t out_stride_c);
 
+/* ---------------------------------------------------------------------------------------------
+ * Sparse carriers (SPEC §4)
+ *
+ * A carrier of one projection (out_features N, in_features K): sorted, unique int32 `rows` in
+ * [0, N) and `cols` in [0, K), and `delta` (n_rows, n_cols) row-major in the activation dtype.
+ * A view with n_rows == 0 or n_cols == 0 is an empty carrier (its pointers may be NULL).
+ * `row_slots` (N,) maps an output row to its index in `rows`, or -1 (lcdd_carrier_row_slots_cpu
+ * builds it once per carrier); the CUDA entry points need it (an O(1) lookup per row instead of a
+ * search), the CPU ones ignore it and may get NULL.
+ *
+ * The layout is six 8-byte fields, so a table of views is also an int64 (n, 6) array.
+ * ------------------------------------------------------------------------------------------- */
+typedef struct lcdd_carrier_view {
+  const void* delta;
+  const int32_t* rows;
+  const int32_t* cols;
+  const int32_t* row_slots;
+  int64_t n_rows;
+  int64_t n_cols;
+} lcdd_carrier_view;
+
+/* rows (n_rows,) sorted unique in [0, out_features) -> slots (out_features,) int32. */
+lcdd_status lcdd_carrier_row_slots_cpu(const int32_t* rows, int64_t n_rows, int64_t out_features,
+                                       int32_t* slots);
+
+/* Base projection plus one carrier per token, in one pass over base and each used delta:
+ *
+ *   y[t, :] = x[t, :]·baseᵀ + bias;   then, with c = ids[t] >= 0:   y[t, rows_c] += x[t, cols_c]·delta_cᵀ
+ *
+ * x: (tokens, in_features), row stride x_stride elements, unit column stride; base: (out_features,
+ * in_features) row-major; bias: (out_features,) or NULL; y: (tokens, out_features) row-major,
+ * written. carriers: n_carriers views; ids: (tokens,) int32 in [-1, n_carriers), -1 for "no
+ * carrier", or NULL for "carrier 0 on every token" (then n_carriers >= 1, or 0 for the base alone).
+ * Accumulates in fp32 (fp64 for float64) and rounds once. The _cpu entry point checks sizes, ids
+ * and the carriers' indices and returns LCDD_ERROR_INVALID_ARGUMENT, writing nothing, on a bad one;
+ * the _cuda one checks sizes only (its arrays live on the device): indices are the caller's
+ * contract there. On CUDA, x, base, bias, y, the table `carriers` itself and everything its views
+ * point to, and ids are device memory; float64 is not supported; work is enqueued on `stream`.
+ */
+lcdd_status lcdd_carrier_linear_cpu(const void* x, int64_t x_stride, const void* base, const void* bias,
+                                    void* y, int64_t tokens, int64_t out_features, int64_t in_features,
+                                    lcdd_dtype dtype, const lcdd_carrier_view* carriers,
+                                    int64_t n_carriers, const int32_t* ids);
+lcdd_status lcdd_carrier_linear_cuda(const void* x, int64_t x_stride, const void* base, const void* bias,
+                                     void* y, int64_t tokens, int64_t out_features, int64_t in_features,
+                                     lcdd_dtype dtype, const lcdd_carrier_view* carriers,
+                                     int64_t n_carriers, const int32_t* ids, lcdd_stream stream);
+
+/* The carrier part alone, in place: y[t, rows_c] += x[t, cols_c]·delta_cᵀ for c = ids[t] >= 0,
+ * for callers whose own GEMM already wrote y = x·baseᵀ + bias. Arguments as above. */
+lcdd_status lcdd_carrier_add_cpu(const void* x, int64_t x_stride, void* y, int64_t tokens,
+                                 int64_t out_features, int64_t in_features, lcdd_dtype dtype,
+                                 const lcdd_carrier_view* carriers, int64_t n_carriers, const int32_t* ids);
+lcdd_status lcdd_carrier_add_cuda(const void* x, int64_t x_stride, void* y, int64_t tokens,
+                                  int64_t out_features, int64_t in_features, lcdd_dtype dtype,
+                                  const lcdd_carrier_view* carriers, int64_t n_carriers, const int32_t* ids,
+                                  lcdd_stream stream);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

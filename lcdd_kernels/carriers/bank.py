@@ -1,0 +1,510 @@
+"""Many carriers for one base model at once, and merging one into the weights (SPEC §4).
+
+:class:`CarrierBank` keeps each carrier's compact tensors (per projection: Δ, rows, cols, and on
+CUDA the row-slot map) as their own allocations, in a slot; per projection it lazily builds a
+:class:`~lcdd_kernels.ops.carrier.CarrierTable`, a (slots, 6) table of pointers and sizes that the
+kernels read. Adding or removing a carrier touches only its own tensors and drops the small
+tables (rebuilt on next use); no other carrier is copied and no kernel is recompiled: the way
+multi-LoRA servers hold adapters.
+
+:func:`apply_carrier_bank` swaps every projection of a Hugging Face model for a
+:class:`BankLinear` that calls :func:`~lcdd_kernels.bank_linear`; ``with bank.carriers(ids):``
+chooses a carrier per sequence for ``model(...)`` and ``model.generate(...)``;
+``bank.restore()`` puts the original ``nn.Linear`` modules back.
+
+:func:`merge_carrier_` adds one carrier into the base weights for zero overhead and keeps the
+base entries it overwrote (|rows|×|cols| per projection, the carrier's size), so that
+:func:`unmerge_carrier_` restores the base weights bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import _checks
+from ..ops.carrier import CarrierTable, _Entry, bank_linear, route, row_slots
+
+__all__ = ["CarrierBank", "BankLinear", "apply_carrier_bank", "merge_carrier_", "unmerge_carrier_"]
+
+
+def _modules_of(carrier) -> Mapping:
+    """A Carrier's ``modules``, or a plain mapping path -> (delta, rows, cols) / CarrierModule."""
+    mods = getattr(carrier, "modules", carrier)
+    if not isinstance(mods, Mapping):
+        raise TypeError(f"expected a Carrier (lcdd_kernels.load_carrier) or a mapping of module path to "
+                        f"(delta, rows, cols), got {type(carrier).__name__}")
+    return mods
+
+
+def _parts(m) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if isinstance(m, tuple):
+        return m
+    return m.delta, m.rows, m.cols
+
+
+@dataclass
+class _Slot:
+    name: str | None
+    carrier: object
+    modules: dict[str, _Entry]
+    extent: dict[str, tuple[int, int]]  # path -> (last row + 1, last col + 1): the least (N, K) it fits
+
+
+@dataclass
+class _Active:
+    """The per-sequence carrier ids of one ``bank.carriers(...)`` context."""
+
+    seq_ids: torch.Tensor  # (S,) int32 on CPU, or a 0-d tensor for "every sequence"
+    any_carrier: bool
+    token_ids: dict  # (batch, tokens per sequence, device) -> (T,) int32
+
+
+class CarrierBank:
+    """Carriers for one base model, resident together; each has an integer id (its slot).
+
+    Args:
+        device, dtype: where and in which dtype the deltas live: the activations' device and
+            dtype (``apply_carrier_bank`` takes the model's).
+        shapes: optional {projection path: (out_features, in_features)}; when given, carriers are
+            checked against it and unknown paths are refused.
+
+    Use ``add`` / ``remove`` / ``id_of`` / ``names`` to manage carriers, ``carriers(ids)`` to pick
+    them per sequence in a patched model, and :func:`~lcdd_kernels.bank_linear` at op level.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 shapes: Mapping[str, tuple[int, int]] | None = None):
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if dtype not in _checks.FLOAT_DTYPES:
+            raise TypeError(f"CarrierBank: dtype must be a floating dtype, got {dtype}")
+        self.device, self.dtype = device, dtype
+        self.shapes = dict(shapes) if shapes is not None else None
+        self._slots: list[_Slot | None] = []
+        self._tables: dict[tuple[str, tuple[int, int]], CarrierTable] = {}
+        self._occupied: torch.Tensor | None = None
+        self._route_cache: tuple | None = None
+        self._active: _Active | None = None
+        self._compat = None  # set by apply_carrier_bank: carrier -> None or raise
+        self._swaps = None
+
+    # ----- managing carriers ---------------------------------------------------------------
+
+    def add(self, carrier, name: str | None = None) -> int:
+        """Load ``carrier`` (a :class:`~lcdd_kernels.Carrier`, or a mapping of projection path to
+        (delta, rows, cols)) into a free slot, converted to the bank's device and dtype; returns
+        its id. Other carriers are not touched. A model-bound bank refuses a carrier made for
+        another base model (family, dimensions or base-weight fingerprint)."""
+        if name is not None and name in self.names:
+            raise ValueError(f"CarrierBank.add: a carrier named {name!r} is already in the bank "
+                             f"(id {self.id_of(name)}); remove it first or choose another name")
+        if self._compat is not None:
+            self._compat(carrier)
+        entries, extent = {}, {}
+        for path, m in _modules_of(carrier).items():
+            delta, rows, cols = _parts(m)
+            op = f"CarrierBank.add: {path}"
+            if self.shapes is not None and path not in self.shapes:
+                raise ValueError(f"{op}: the model has no projection {path!r} "
+                                 f"(e.g. {next(iter(self.shapes), None)!r}); is the carrier for another model?")
+            for what, t in (("rows", rows), ("cols", cols), ("delta", delta)):
+                _checks.tensor(op, what, t)
+            n, k = self.shapes[path] if self.shapes is not None else (2**31 - 1, 2**31 - 1)
+            _checks.index_vector(op, "rows", rows, n, rows.device)
+            _checks.index_vector(op, "cols", cols, k, cols.device)
+            _checks.floating(op, "delta", delta)
+            _checks.shape(op, "delta", delta, (rows.numel(), cols.numel()), "(|rows|, |cols|)")
+            extent[path] = (int(rows[-1]) + 1 if rows.numel() else 0, int(cols[-1]) + 1 if cols.numel() else 0)
+            # row-slot maps (CUDA only) are built by table(), which knows each projection's N
+            entries[path] = CarrierTable.entry(delta.detach().to(self.device, self.dtype), rows.to(self.device),
+                                               cols.to(self.device), n, slots=False)
+        slot = _Slot(name, carrier, entries, extent)
+        free = next((i for i, s in enumerate(self._slots) if s is None), None)
+        if free is None:
+            self._slots.append(slot)
+            free = len(self._slots) - 1
+        else:
+            self._slots[free] = slot
+        self._changed()
+        return free
+
+    def remove(self, key: int | str) -> None:
+        """Drop a carrier (by id or name); its id becomes free for a later ``add``."""
+        cid = self._key(key, "CarrierBank.remove")
+        self._slots[cid] = None
+        while self._slots and self._slots[-1] is None:
+            self._slots.pop()
+        self._changed()
+
+    def id_of(self, name: str) -> int:
+        for i, s in enumerate(self._slots):
+            if s is not None and s.name == name:
+                return i
+        raise KeyError(f"no carrier named {name!r} in the bank; it has {self.names}")
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self._slots if s is not None and s.name is not None]
+
+    @property
+    def ids(self) -> list[int]:
+        return [i for i, s in enumerate(self._slots) if s is not None]
+
+    def carrier(self, key: int | str):
+        """The carrier object that was added under ``key``."""
+        return self._slots[self._key(key, "CarrierBank.carrier")].carrier
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, key) -> bool:
+        try:
+            self._key(key, "")
+        except (KeyError, ValueError, TypeError):
+            return False
+        return True
+
+    def nbytes(self) -> int:
+        """Bytes held by the carriers' tensors (deltas, indices, row-slot maps)."""
+        return sum(t.numel() * t.element_size() for s in self._slots if s is not None for e in s.modules.values()
+                   for t in (e.delta, e.rows, e.cols, e.row_slots) if t is not None)
+
+    def __repr__(self) -> str:
+        items = ", ".join(f"{i}: {s.name or 'unnamed'}" for i, s in enumerate(self._slots) if s is not None)
+        return f"CarrierBank({{{items}}}, device={self.device}, dtype={self.dtype}, {self.nbytes() / 2**20:.1f} MiB)"
+
+    def _key(self, key, op: str) -> int:
+        if isinstance(key, str):
+            return self.id_of(key)
+        if isinstance(key, bool) or not isinstance(key, int):
+            raise TypeError(f"{op}: a carrier is named by its id (int) or name (str), got {type(key).__name__}")
+        if not 0 <= key < len(self._slots) or self._slots[key] is None:
+            raise KeyError(f"{op}: no carrier with id {key} in the bank; ids in use: {self.ids}")
+        return key
+
+    def _changed(self) -> None:
+        self._tables.clear()
+        self._occupied = None
+        self._route_cache = None
+        if self._active is not None:
+            self._active.token_ids.clear()
+
+    # ----- what the ops read -----------------------------------------------------------------
+
+    def table(self, module_name: str, device: torch.device, dtype: torch.dtype,
+              shape: tuple[int, int]) -> CarrierTable:
+        """The kernels' table of ``module_name`` (cached until the bank changes)."""
+        op = "bank_linear"
+        if device != self.device:
+            raise ValueError(f"{op}: the bank holds its carriers on {self.device} but x is on {device}; "
+                             f"create the bank on x's device (CarrierBank(device=...) / the model's device)")
+        if dtype != self.dtype:
+            raise TypeError(f"{op}: the bank holds {self.dtype} deltas but x is {dtype}; create the bank with "
+                            f"dtype={dtype} (apply_carrier_bank uses the model's dtype)")
+        if self.shapes is not None:
+            if module_name not in self.shapes:
+                raise KeyError(f"{op}: the bank's model has no projection {module_name!r}")
+            if tuple(self.shapes[module_name]) != tuple(shape):
+                raise ValueError(f"{op}: {module_name} is {tuple(self.shapes[module_name])} in the bank's model "
+                                 f"but base_weight is {tuple(shape)}")
+        key = (module_name, tuple(shape))
+        table = self._tables.get(key)
+        if table is None:
+            entries = [None if s is None else s.modules.get(module_name) for s in self._slots]
+            for i, s in enumerate(self._slots):
+                if s is None or module_name not in s.modules:
+                    continue
+                need = s.extent[module_name]
+                if need[0] > shape[0] or need[1] > shape[1]:
+                    raise ValueError(f"{op}: carrier {i} of {module_name} indexes rows < {need[0]} and columns "
+                                     f"< {need[1]} but base_weight is {tuple(shape)}; it belongs to another model")
+                if self.device.type == "cuda" and (entries[i].row_slots is None
+                                                   or entries[i].row_slots.numel() != shape[0]):
+                    entries[i] = s.modules[module_name] = replace(entries[i], row_slots=row_slots(entries[i].rows,
+                                                                                                  shape[0]))
+            table = CarrierTable(shape[0], shape[1], entries, self.device)
+            self._tables[key] = table
+        return table
+
+    def check_ids(self, ids: torch.Tensor, op: str) -> None:
+        """Every id is −1 or the id of a carrier in the bank (one reduction, one host sync)."""
+        n = len(self._slots)
+        if self._occupied is None or self._occupied.device != ids.device:
+            self._occupied = torch.tensor([s is not None for s in self._slots] or [False], device=ids.device)
+        bad = (ids < -1) | (ids >= n)
+        if n:
+            bad |= (ids >= 0) & ~self._occupied[ids.clamp(0, n - 1).long()]
+        if bool(bad.any()):
+            first = ids[bad.nonzero()[0, 0]].item()
+            raise ValueError(f"{op}: carrier id {first} is not in the bank (ids in use: {self.ids}; −1 means "
+                             "no carrier)")
+
+    def routing(self, ids: torch.Tensor, n_slots: int):
+        """(token order, offsets) grouped by carrier for the Triton kernel; reused while the same
+        ids tensor is passed (every projection of one forward)."""
+        cache = self._route_cache
+        if cache is None or cache[0] is not ids or cache[1] != n_slots:
+            cache = (ids, n_slots, route(ids, n_slots, ids.numel(), ids.device))
+            self._route_cache = cache
+        return cache[2]
+
+    # ----- per-sequence carriers in a patched model ---------------------------------------------
+
+    @contextlib.contextmanager
+    def carriers(self, ids) -> Iterator["CarrierBank"]:
+        """Choose a carrier per sequence for the patched model inside the block.
+
+        ``ids``: one id / name / None for every sequence, or one per sequence of the batch
+        (a list, or a 1-D integer tensor); None or −1 is the base model. When the model runs a
+        multiple of that many sequences (``num_return_sequences``, beam search), each id covers
+        its consecutive copies, as ``generate`` expands inputs. Nests; restores the previous
+        choice on exit.
+        """
+        seq = self._resolve(ids)
+        prev = self._active
+        self._active = _Active(seq, bool((seq >= 0).any()), {})
+        try:
+            yield self
+        finally:
+            self._active = prev
+
+    def _resolve(self, ids) -> torch.Tensor:
+        op = "CarrierBank.carriers"
+
+        def one(v) -> int:
+            if v is None:
+                return -1
+            if isinstance(v, int) and not isinstance(v, bool) and v == -1:
+                return -1
+            return self._key(v, op)
+
+        if isinstance(ids, torch.Tensor):
+            if ids.dtype not in _checks.INDEX_DTYPES or ids.dim() > 1:
+                raise TypeError(f"{op}: ids as a tensor must be a 0-d or 1-D int32/int64 tensor, got "
+                                f"{ids.dtype} of shape {tuple(ids.shape)}")
+            ids = ids.tolist()
+        if ids is None or isinstance(ids, (int, str)):
+            return torch.tensor(one(ids), dtype=torch.int32)
+        if not isinstance(ids, Sequence) or len(ids) == 0:
+            raise ValueError(f"{op}: ids must be an id, a name, None, or a non-empty list of them (one per sequence)")
+        return torch.tensor([one(v) for v in ids], dtype=torch.int32)
+
+    def token_ids(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(T,) int32 carrier id per token of x (batch, ..., K), or None when no carrier applies."""
+        a = self._active
+        if a is None or not a.any_carrier:
+            return None
+        batch = x.shape[0] if x.dim() > 1 else 1
+        per_seq = x.numel() // (x.shape[-1] * batch) if x.shape[-1] else 0
+        key = (batch, per_seq, x.device)
+        ids = a.token_ids.get(key)
+        if ids is None:
+            s = a.seq_ids
+            if s.dim() == 0:
+                seq = s.expand(batch)
+            elif batch % s.numel() == 0:
+                seq = s.repeat_interleave(batch // s.numel())
+            else:
+                raise ValueError(f"bank.carriers got {s.numel()} carrier ids but the model runs a batch of "
+                                 f"{batch} sequences; give one id per sequence")
+            ids = seq.repeat_interleave(per_seq).to(x.device)
+            a.token_ids[key] = ids
+        return ids
+
+    # ----- model patching ------------------------------------------------------------------------
+
+    def restore(self) -> nn.Module:
+        """Undo :func:`apply_carrier_bank`: the model's original ``nn.Linear`` modules go back."""
+        if self._swaps is None:
+            raise RuntimeError("CarrierBank.restore: this bank is not applied to a model")
+        model = self._swaps.undo()
+        self._swaps = None
+        return model
+
+
+class BankLinear(nn.Module):
+    """A base projection served with a carrier bank. ``weight`` and ``bias`` are the original
+    linear's Parameters (shared, not copied); the bank's active ``carriers(...)`` context picks
+    each token's carrier; outside one, it is the base projection."""
+
+    def __init__(self, linear: nn.Linear, bank: CarrierBank, path: str):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.bank, self.path = bank, path
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, carriers={self.bank.ids}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = self.bank.token_ids(x)
+        if ids is None:
+            return F.linear(x, self.weight, self.bias)
+        return bank_linear(x, self.weight, self.bank, self.path, ids, self.bias, check_ids=False)
+
+
+def _carrier_list(carriers) -> list[tuple[str | None, object]]:
+    if carriers is None:
+        return []
+    if isinstance(carriers, Mapping) and not hasattr(carriers, "modules") and all(
+            isinstance(k, str) and hasattr(v, "modules") for k, v in carriers.items()):
+        return list(carriers.items())  # {name: Carrier}
+    if hasattr(carriers, "modules"):
+        return [(None, carriers)]
+    return [(None, c) for c in carriers]
+
+
+def apply_carrier_bank(model: nn.Module, carriers=None, allow_fingerprint_mismatch: bool = False) -> CarrierBank:
+    """Serve ``model`` (a base Llama / Mistral / Qwen2 / Qwen3 causal LM) with many carriers.
+
+    Every projection becomes a :class:`BankLinear` sharing the original weight; ``carriers`` (a
+    Carrier, a list of them, or {name: Carrier}) are added in order (ids 0, 1, ...). Returns the
+    bank: ``with bank.carriers([0, 2, None]): model.generate(...)`` runs sequence i with carrier
+    ``ids[i]``; ``bank.add`` / ``bank.remove`` change the carriers at any time; ``bank.restore()``
+    undoes the patch. The base weights are fingerprinted once here; a carrier trained against
+    other base weights is refused unless ``allow_fingerprint_mismatch=True``. Run the model under
+    ``torch.no_grad()`` / ``torch.inference_mode()`` (``generate`` does) or with frozen weights.
+    """
+    from ..models.families import module_paths
+    from ..models.swap import ModuleSwaps
+    from .format import base_fingerprint, check_compatible
+
+    paths = module_paths(model)
+    for _, _, path in paths:
+        mod = model.get_submodule(path)
+        if type(mod) is not nn.Linear:
+            raise ValueError(f"apply_carrier_bank: {path} is a {type(mod).__name__}, not a plain nn.Linear; "
+                             "undo the other patch (handle.remove() / bank.restore()) first")
+    first = model.get_submodule(paths[0][2]).weight
+    shapes = {p: tuple(model.get_submodule(p).weight.shape) for _, _, p in paths}
+    bank = CarrierBank(first.device, first.dtype, shapes)
+    fingerprint = None if allow_fingerprint_mismatch else base_fingerprint(model)
+    model_ref = weakref.ref(model)
+
+    def compat(carrier) -> None:
+        if not hasattr(carrier, "base_fingerprint"):
+            raise TypeError("apply_carrier_bank: a model's bank takes Carrier objects (load_carrier / "
+                            f"extract_carrier), got {type(carrier).__name__}")
+        check_compatible(model_ref(), carrier, allow_fingerprint_mismatch=True)  # family and dims
+        if fingerprint is not None and carrier.base_fingerprint != fingerprint:
+            raise ValueError(
+                f"base model mismatch: the carrier was trained against base weights with fingerprint "
+                f"{carrier.base_fingerprint} (name: {getattr(carrier, 'base_name', None)}) but this model's "
+                f"projection weights have fingerprint {fingerprint}; load the right base model, or pass "
+                "allow_fingerprint_mismatch=True to apply_carrier_bank")
+
+    bank._compat = compat
+    for name, carrier in _carrier_list(carriers):
+        bank.add(carrier, name=name)
+    swaps = ModuleSwaps(model)
+    for _, _, path in paths:
+        swaps.swap(path, BankLinear(model.get_submodule(path), bank, path))
+    bank._swaps = swaps
+    return bank
+
+
+# ---------------------------------------------------------------------------------------------
+# Merge / unmerge
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Merge:
+    carrier: object
+    saved: dict[str, torch.Tensor]  # path -> the base entries W[rows][:, cols] before the merge
+    fingerprint: str | None
+
+
+#: model -> its merged carriers, oldest first (no attribute is added to the model)
+_MERGED: "weakref.WeakKeyDictionary[nn.Module, list[_Merge]]" = weakref.WeakKeyDictionary()
+
+
+def _merge_targets(model: nn.Module, carrier, op: str) -> list[tuple[str, torch.Tensor, object]]:
+    out = []
+    for path, m in _modules_of(carrier).items():
+        try:
+            mod = model.get_submodule(path)
+        except AttributeError:
+            raise ValueError(f"{op}: the model has no module {path!r}; is the carrier for another model?") from None
+        if not (type(mod) is nn.Linear or isinstance(mod, BankLinear)):
+            raise ValueError(f"{op}: {path} is a {type(mod).__name__}; merge into plain nn.Linear projections "
+                             "(a bank-served model is fine; undo other patches first)")
+        delta, rows, cols = _parts(m)
+        n, k = mod.weight.shape
+        _checks.index_vector(f"{op}: {path}", "rows", rows, n, rows.device)
+        _checks.index_vector(f"{op}: {path}", "cols", cols, k, cols.device)
+        _checks.shape(f"{op}: {path}", "delta", delta, (rows.numel(), cols.numel()), "(|rows|, |cols|)")
+        out.append((path, mod.weight, m))
+    return out
+
+
+@torch.no_grad()
+def merge_carrier_(model: nn.Module, carrier, allow_fingerprint_mismatch: bool = False) -> nn.Module:
+    """Add ``carrier`` into the model's projection weights in place (zero inference overhead).
+
+    Each touched entry becomes ``B + Δ`` computed in at least fp32 and rounded once to the weight's
+    dtype. The overwritten base entries are kept (the carrier's size) so that
+    :func:`unmerge_carrier_` restores them bit for bit. Several carriers may be merged; unmerge
+    them in reverse order. The first merge checks the carrier against the model (family,
+    dimensions, base-weight fingerprint); later ones against that verified base.
+    """
+    from .format import check_compatible
+
+    op = "merge_carrier_"
+    stack = _MERGED.get(model, [])
+    if any(m.carrier is carrier for m in stack):
+        raise ValueError(f"{op}: this carrier is already merged into the model")
+    if hasattr(carrier, "base_fingerprint"):
+        if not stack:
+            check_compatible(model, carrier, allow_fingerprint_mismatch)
+        else:
+            check_compatible(model, carrier, allow_fingerprint_mismatch=True)
+            base_fp = stack[0].fingerprint
+            if not allow_fingerprint_mismatch and base_fp is not None and carrier.base_fingerprint != base_fp:
+                raise ValueError(f"{op}: the carrier's base fingerprint {carrier.base_fingerprint} differs from "
+                                 f"the base the merged carriers were checked against ({base_fp})")
+    targets = _merge_targets(model, carrier, op)  # everything checked before anything changes
+    saved = {}
+    for path, w, m in targets:
+        delta, rows, cols = _parts(m)
+        r = rows.to(w.device, torch.long)[:, None]
+        c = cols.to(w.device, torch.long)[None, :]
+        old = w[r, c]
+        acc = torch.promote_types(w.dtype, torch.float32)
+        w[r, c] = (old.to(acc) + delta.to(w.device, acc)).to(w.dtype)
+        saved[path] = old
+    fp = stack[0].fingerprint if stack else getattr(carrier, "base_fingerprint", None)
+    _MERGED[model] = stack + [_Merge(carrier, saved, fp)]
+    return model
+
+
+@torch.no_grad()
+def unmerge_carrier_(model: nn.Module, carrier) -> nn.Module:
+    """Undo :func:`merge_carrier_`: the entries it changed get their saved base values back, bit
+    for bit. Carriers merged later must be unmerged first."""
+    op = "unmerge_carrier_"
+    stack = _MERGED.get(model, [])
+    pos = next((i for i, m in enumerate(stack) if m.carrier is carrier), None)
+    if pos is None:
+        raise ValueError(f"{op}: this carrier is not merged into the model (merge_carrier_ it first)")
+    if pos != len(stack) - 1:
+        raise ValueError(f"{op}: {len(stack) - 1 - pos} carrier(s) were merged after this one and touch the "
+                         "same weights; unmerge them first (reverse order of merging)")
+    merge = stack.pop()
+    for path, m in _modules_of(carrier).items():
+        delta, rows, cols = _parts(m)
+        w = model.get_submodule(path).weight
+        w[rows.to(w.device, torch.long)[:, None], cols.to(w.device, torch.long)[None, :]] = merge.saved[path]
+    if not stack:
+        del _MERGED[model]
+    return model

@@ -1,0 +1,285 @@
+"""carrier_linear and bank_linear: every backend against SPEC §4 in float64, gradients to x, the
+bank's bookkeeping, the package without lcdd_kernels._C, and the errors users see."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lcdd_kernels as L
+from lcdd_kernels import _backend
+from lcdd_kernels.ops.carrier import bank_linear_ref, carrier_linear_ref
+
+from .conftest import HAS_CUDA
+from .helpers import assert_close
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+BACKENDS = (["torch", "reference", "triton"] + (["cpp"] if _backend.native_available() and not HAS_CUDA else [])
+            + (["cuda"] if HAS_CUDA and _backend.native_has_cuda() else []))
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
+
+# (T, N, K): one token, decode-sized, tile edges, prefill-sized; odd and prime sizes
+SHAPES = [(1, 37, 29), (5, 16, 64), (17, 45, 33), (130, 70, 50), (300, 23, 19)]
+# carrier kinds: (rows density, cols density); 0 = empty side, 1 = full side
+KINDS = {"sparse": (0.3, 0.3), "full": (1.0, 1.0), "no-rows": (0.0, 0.5), "no-cols": (0.5, 0.0),
+         "one": (-1, -1), "dense-rows": (1.0, 0.2)}
+
+
+def pick(n, density, gen):
+    if density == -1:  # a single index: the last one (tile edge)
+        return torch.tensor([n - 1]) if n else torch.zeros(0, dtype=torch.long)
+    return torch.nonzero(torch.rand(n, generator=gen) < density).flatten() if density < 1 else torch.arange(n)
+
+
+def make_carrier(n, k, kind="sparse", seed=0, idx_dtype=torch.int64):
+    gen = torch.Generator().manual_seed(seed)
+    dr, dc = KINDS[kind]
+    rows, cols = pick(n, dr, gen).to(idx_dtype), pick(k, dc, gen).to(idx_dtype)
+    delta = torch.randn(rows.numel(), cols.numel(), generator=gen) / max(cols.numel(), 1) ** 0.5
+    return delta, rows, cols
+
+
+def make_x(t, n, k, seed=1, lead=None):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(*(lead or (t,)), k, generator=gen)
+    return x, torch.randn(n, k, generator=gen) / k**0.5, torch.randn(n, generator=gen)
+
+
+def to(ts, dtype, device=DEVICE):
+    return [t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in ts]
+
+
+def skip_slow(backend, t):
+    if backend == "triton" and not HAS_CUDA and t > 130:
+        pytest.skip("the Triton interpreter is slow; T=130 covers multi-tile token grids")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_carrier_linear_matches_spec(backend, dtype, shape):
+    t, n, k = shape
+    skip_slow(backend, t)
+    for i, kind in enumerate(KINDS):
+        x, base, bias = make_x(t, n, k, seed=i)
+        delta, rows, cols = make_carrier(n, k, kind, seed=i, idx_dtype=torch.int32 if i % 2 else torch.int64)
+        use_bias = bias if i % 3 else None
+        ref = carrier_linear_ref(*to((x, base, delta), torch.float64), rows.to(DEVICE), cols.to(DEVICE),
+                                 None if use_bias is None else use_bias.to(DEVICE, torch.float64))
+        args = to((x, base, delta, rows, cols), dtype)
+        b = None if use_bias is None else use_bias.to(DEVICE, dtype)
+        lowp = carrier_linear_ref(*args, b)
+        out = L.carrier_linear(*args, b, backend=backend)
+        assert out.dtype == dtype
+        assert_close(f"{backend} {kind}", out, ref, lowp)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_leading_dims_and_strided_x(backend):
+    _, base, bias = make_x(0, 40, 24)
+    x = torch.randn(2, 3, 48)[..., ::2]  # a non-unit column stride
+    delta, rows, cols = make_carrier(40, 24, "sparse")
+    args = to((x, base, delta, rows, cols, bias), torch.float32)
+    ref = carrier_linear_ref(*to((x, base, delta, rows, cols, bias), torch.float64))
+    out = L.carrier_linear(*args, backend=backend)
+    assert out.shape == (2, 3, 40)
+    assert_close(backend, out, ref, carrier_linear_ref(*args))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_to_x(backend):
+    dtype = torch.float32 if backend == "cuda" else torch.float64
+    x, base, bias = make_x(7, 30, 22)
+    delta, rows, cols = make_carrier(30, 22, "sparse")
+    x1 = x.to(DEVICE, dtype).requires_grad_(True)
+    x2 = x.to(DEVICE, torch.float64).requires_grad_(True)
+    w = to((base, delta, rows, cols, bias), dtype)
+    gy = torch.randn(7, 30, generator=torch.Generator().manual_seed(5))
+    L.carrier_linear(x1, *w, backend=backend).backward(gy.to(DEVICE, dtype))
+    carrier_linear_ref(x2, *to((base, delta, rows, cols, bias), torch.float64)).backward(gy.to(DEVICE, torch.float64))
+    assert_close(f"{backend} dx", x1.grad, x2.grad)
+
+
+# ----- many carriers per batch --------------------------------------------------------------------
+
+
+def make_bank(n, k, kinds=("sparse", "full", "no-rows", "one"), dtype=torch.float32, device=DEVICE):
+    bank = L.CarrierBank(device=device, dtype=dtype)
+    carriers = []
+    for i, kind in enumerate(kinds):
+        delta, rows, cols = make_carrier(n, k, kind, seed=10 + i)
+        carriers.append((delta, rows, cols))
+        assert bank.add({"proj": (delta, rows, cols)}, name=kind) == i
+    return bank, carriers
+
+
+ID_MIXES = {
+    "mixed": lambda t, g: torch.randint(-1, 4, (t,), generator=g),
+    "all-none": lambda t, g: torch.full((t,), -1),
+    "all-same": lambda t, g: torch.full((t,), 1),
+    "one-each": lambda t, g: torch.arange(t) % 5 - 1,
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", [1, 9, 16, 130])
+def test_bank_linear_matches_spec(backend, dtype, t):
+    n, k = 45, 37
+    skip_slow(backend, t)
+    bank, carriers = make_bank(n, k, dtype=dtype)
+    x, base, bias = make_x(t, n, k)
+    for mix, make_ids in ID_MIXES.items():
+        ids = make_ids(t, torch.Generator().manual_seed(t)).to(DEVICE)
+        for id_dtype in (torch.int64, torch.int32):
+            ref = bank_linear_ref(*to((x, base), torch.float64), [to(c, torch.float64) for c in carriers],
+                                  ids, bias.to(DEVICE, torch.float64))
+            xs, bs, bi = to((x, base, bias), dtype)
+            lowp = bank_linear_ref(xs, bs, [to(c, dtype) for c in carriers], ids, bi)
+            out = L.bank_linear(xs, bs, bank, "proj", ids.to(id_dtype), bi, backend=backend)
+            assert_close(f"{backend} {mix}", out, ref, lowp)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bank_add_remove_keeps_others(backend):
+    n, k, t = 33, 26, 12
+    bank, carriers = make_bank(n, k)
+    x, base, _ = to(make_x(t, n, k), torch.float32)
+    ptrs = {i: bank._slots[i].modules["proj"].delta.data_ptr() for i in bank.ids}
+    bank.remove("full")
+    extra = make_carrier(n, k, "sparse", seed=99)
+    assert bank.add({"proj": extra, "other": make_carrier(7, 5, "sparse")}, name="new") == 1  # the freed id
+    bank.add({"other": make_carrier(7, 5, "full")})  # a carrier without this projection: base there
+    assert {i: bank._slots[i].modules["proj"].delta.data_ptr() for i in (0, 2, 3)} == {i: ptrs[i] for i in (0, 2, 3)}
+    carriers[1] = extra
+    ids = (torch.arange(t) % 6 - 1).to(DEVICE)
+    ref = bank_linear_ref(x.double(), base.double(), [to(c, torch.float64) for c in carriers] + [None], ids)
+    assert_close(backend, L.bank_linear(x, base, bank, "proj", ids, backend=backend), ref,
+                 bank_linear_ref(x, base, [to(c, torch.float32) for c in carriers] + [None], ids))
+    assert len(bank) == 5 and bank.names == ["sparse", "new", "no-rows", "one"] and "new" in bank
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bank_gradient_to_x(backend):
+    dtype = torch.float32 if backend == "cuda" else torch.float64
+    bank, carriers = make_bank(20, 18, dtype=dtype)
+    x, base, bias = make_x(10, 20, 18)
+    ids = (torch.arange(10) % 5 - 1).to(DEVICE)
+    x1 = x.to(DEVICE, dtype).requires_grad_(True)
+    x2 = x.to(DEVICE, torch.float64).requires_grad_(True)
+    L.bank_linear(x1, *to((base,), dtype), bank, "proj", ids, bias.to(DEVICE, dtype), backend=backend).sum().backward()
+    bank_linear_ref(x2, base.to(DEVICE, torch.float64), [to(c, torch.float64) for c in carriers], ids,
+                    bias.to(DEVICE, torch.float64)).sum().backward()
+    assert_close(f"{backend} dx", x1.grad, x2.grad)
+
+
+# ----- dispatch and the package without _C -------------------------------------------------------
+
+
+def test_auto_dispatch_without_native(monkeypatch):
+    x, base, bias = make_x(3, 20, 16)
+    delta, rows, cols = make_carrier(20, 16)
+    ref = carrier_linear_ref(x, base, delta, rows, cols, bias)
+    bank, carriers = make_bank(20, 16, device="cpu")
+    ids = torch.tensor([0, -1, 3])
+    monkeypatch.setattr(_backend, "native_available", lambda: False)
+    assert torch.allclose(L.carrier_linear(x, base, delta, rows, cols, bias), ref, atol=1e-6)
+    assert torch.allclose(L.bank_linear(x, base, bank, "proj", ids),
+                          bank_linear_ref(x, base, carriers, ids), atol=1e-6)
+    for name in ("cpp", "cuda"):
+        with pytest.raises(ValueError, match=f"backend '{name}' cannot run here"):
+            L.carrier_linear(x, base, delta, rows, cols, backend=name)
+    monkeypatch.setenv("LCDD_BACKEND", "triton")  # the override reaches these ops too
+    assert torch.allclose(L.carrier_linear(x, base, delta, rows, cols, bias), ref, atol=1e-5)
+
+
+def test_native_entry_points_refuse_bad_tables():
+    if not _backend.native_available():
+        pytest.skip("lcdd_kernels._C not built")
+    from lcdd_kernels import _C
+    from lcdd_kernels.ops.carrier import CarrierTable
+
+    x, base, _ = make_x(2, 8, 6)
+    delta, rows, cols = torch.randn(2, 2), torch.tensor([5, 1], dtype=torch.int32), torch.tensor([0, 1], dtype=torch.int32)
+    table = CarrierTable(8, 6, [CarrierTable.entry(delta, rows, cols, 8, slots=False)], torch.device("cpu"))
+    y = torch.empty(2, 8)
+    with pytest.raises(RuntimeError, match="invalid argument"):  # unsorted rows, straight to the C API
+        _C.carrier_linear_cpu(x.data_ptr(), 6, base.data_ptr(), 0, y.data_ptr(), 2, 8, 6, 0, table.views.data_ptr(), 1, 0)
+    if not _C.has_cuda():
+        with pytest.raises(RuntimeError, match="without CUDA"):
+            _C.carrier_add_cuda(x.data_ptr(), 6, y.data_ptr(), 2, 8, 6, 0, table.views.data_ptr(), 1, 0, 0)
+
+
+# ----- bad input --------------------------------------------------------------------------------
+
+
+def test_carrier_linear_errors():
+    x, base, bias = make_x(3, 10, 8)
+    delta, rows, cols = torch.randn(2, 3), torch.tensor([1, 4]), torch.tensor([0, 2, 7])
+    f = L.carrier_linear
+    with pytest.raises(ValueError, match="rows must be sorted and unique"):
+        f(x, base, delta, torch.tensor([4, 1]), cols)
+    with pytest.raises(ValueError, match="cols must be sorted and unique"):
+        f(x, base, delta, rows, torch.tensor([0, 2, 2]))
+    with pytest.raises(ValueError, match=r"rows holds indices out of range \[0, 10\)"):
+        f(x, base, delta, torch.tensor([1, 10]), cols)
+    with pytest.raises(ValueError, match=r"cols holds indices out of range \[0, 8\)"):
+        f(x, base, delta, rows, torch.tensor([-1, 2, 3]))
+    with pytest.raises(TypeError, match="rows must be int32 or int64"):
+        f(x, base, delta, rows.float(), cols)
+    with pytest.raises(ValueError, match=r"delta must have shape \(2, 3\) \(\|rows\|, \|cols\|\)"):
+        f(x, base, delta.t(), rows, cols)
+    with pytest.raises(TypeError, match="delta has dtype torch.float16 but x has torch.float32"):
+        f(x, base, delta.half(), rows, cols)
+    with pytest.raises(ValueError, match="base_weight has K = 8"):
+        f(x[:, :5], base, delta, rows, cols)
+    with pytest.raises(ValueError, match=r"bias must have shape \(10\)"):
+        f(x, base, delta, rows, cols, bias[:4])
+    with pytest.raises(ValueError, match="delta is on meta but x is on cpu"):
+        f(x, base, delta.to("meta"), rows, cols)
+    with pytest.raises(ValueError, match="rows is on meta, expected cpu"):
+        f(x, base, delta, rows.to("meta"), cols)
+    with pytest.raises(ValueError, match="base_weight requires grad, but this op computes gradients for x only"):
+        f(x, base.clone().requires_grad_(True), delta, rows, cols, backend="torch")
+    with torch.no_grad():  # serving: fine
+        f(x, base.clone().requires_grad_(True), delta, rows, cols, backend="torch")
+    # the reference differentiates everything
+    d = delta.clone().requires_grad_(True)
+    f(x, base, d, rows, cols, backend="reference").sum().backward()
+    assert d.grad is not None
+    with pytest.raises(ValueError, match="unknown backend"):
+        f(x, base, delta, rows, cols, backend="fast")
+
+
+def test_bank_errors():
+    bank, _ = make_bank(10, 8, device="cpu")
+    x, base, _ = make_x(4, 10, 8)
+    g = L.bank_linear
+    with pytest.raises(ValueError, match="carrier id 4 is not in the bank"):
+        g(x, base, bank, "proj", torch.tensor([0, 1, 4, -1]))
+    with pytest.raises(ValueError, match="carrier id -2 is not in the bank"):
+        g(x, base, bank, "proj", torch.tensor([0, 1, -2, -1]))
+    bank.remove(1)
+    with pytest.raises(ValueError, match="carrier id 1 is not in the bank"):
+        g(x, base, bank, "proj", torch.tensor([0, 1, 2, -1]))
+    with pytest.raises(ValueError, match=r"carrier_ids must have shape \(4\)"):
+        g(x, base, bank, "proj", torch.tensor([0, 1]))
+    with pytest.raises(TypeError, match="carrier_ids must be int32 or int64"):
+        g(x, base, bank, "proj", torch.zeros(4))
+    with pytest.raises(TypeError, match="the bank holds torch.float32 deltas but x is torch.float16"):
+        g(x.half(), base.half(), bank, "proj", torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="indexes rows < 10"):  # the carrier does not fit this weight
+        g(x, base[:6], bank, "proj", torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="delta must have shape"):
+        bank.add({"proj": (torch.randn(3, 3), torch.tensor([0, 1]), torch.tensor([0, 1, 2]))})
+    with pytest.raises(ValueError, match="rows must be sorted and unique"):
+        bank.add({"proj": (torch.randn(2, 1), torch.tensor([1, 1]), torch.tensor([0]))})
+    with pytest.raises(ValueError, match="already in the bank"):
+        bank.add({"proj": make_carrier(10, 8)}, name="sparse")
+    with pytest.raises(KeyError, match="no carrier named 'nope'"):
+        bank.remove("nope")
+    with pytest.raises(KeyError, match="no carrier with id 1"):
+        bank.remove(1)
+    meta = L.CarrierBank(device="meta")
+    with pytest.raises(ValueError, match="the bank holds its carriers on meta but x is on cpu"):
+        g(x, base, meta, "proj", torch.zeros(4, dtype=torch.long))
