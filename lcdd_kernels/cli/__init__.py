@@ -13,6 +13,8 @@ _MODULES = {
     "bench": "lcdd bench <suite>: benchmarks, providers side by side",
     "erase": "lcdd erase: optimise an SFT-Eraser trigger (SPEC §5)",
     "eval": "lcdd eval: fixed-response rate, KL and choice accuracy, with or without a trigger (SPEC §6)",
+    "train": "lcdd train-sft / train-lcdd: phase 1 SFT and phase 2 LCDD training (SPEC §3)",
+    "carrier": "lcdd extract / inspect: write a carrier from trained weights and masks, show one (SPEC §4)",
 }
 
 

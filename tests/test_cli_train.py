@@ -1,0 +1,54 @@
+"""The training and carrier commands end to end on a tiny model: train-sft -> train-lcdd -> extract ->
+inspect, plus the errors a user meets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lcdd_kernels.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_tiny_pipeline(tmp_path, capsys):
+    sft, run = tmp_path / "sft", tmp_path / "lcdd"
+    assert main(["train-sft", "--tiny", "qwen3", "--out", str(sft), "--max-steps", "2", "--batch-size", "4",
+                 "--lr", "1e-3", "--no-progress"]) == 0
+    assert (sft / "model" / "config.json").is_file()
+    assert main(["train-lcdd", "--tiny", "qwen3", "--sft", str(sft / "model"), "--out", str(run), "--max-steps", "3",
+                 "--batch-size", "4", "--warmup", "1", "--lambda-init", "1", "--mask-lr", "5", "--no-progress"]) == 0
+    assert "LCDD done: 3 steps" in capsys.readouterr().out
+    assert main(["inspect", str(run / "carrier")]) == 0
+    table = capsys.readouterr().out
+    assert "ffn_hidden" in table and "total" in table and "of the projection weights" in table
+    assert main(["inspect", str(run / "carrier"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["model_type"] == "qwen3" and len(info["sparsity"]["layers"]) == 2
+    out = tmp_path / "again"
+    assert main(["extract", "--tiny", "qwen3", "--model", str(sft / "model"), "--checkpoint",
+                 str(run / "checkpoint-3"), "--out", str(out)]) == 0
+    assert (out / "carrier.safetensors").read_bytes() == (run / "carrier" / "carrier.safetensors").read_bytes()
+    # never overwrites silently
+    assert main(["extract", "--tiny", "qwen3", "--model", str(sft / "model"), "--checkpoint",
+                 str(run / "checkpoint-3"), "--out", str(out)]) == 2
+    assert "already holds a carrier" in capsys.readouterr().err
+
+
+def test_user_errors(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path)]) == 2
+    assert "no carrier_config.json" in capsys.readouterr().err
+    assert main(["train-lcdd", "--base", str(tmp_path), "--sft", str(tmp_path), "--out", str(tmp_path / "o"),
+                 "--data", "x.jsonl"]) == 2
+    assert "not a Hugging Face model directory" in capsys.readouterr().err
+    assert main(["train-sft", "--base", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    with pytest.raises(SystemExit):
+        main(["train-sft", "--tiny", "gpt2", "--out", str(tmp_path / "o")])
