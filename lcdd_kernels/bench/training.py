@@ -1,14 +1,281 @@
 """Masked-delta projection, training: dense vs parametrize vs lcdd (forward/backward/full).
 
-Placeholder until the suite lands: it raises so that nobody mistakes it for a result.
+Providers, per projection of N outputs and K inputs, on T tokens:
+
+* ``dense``: a plain ``nn.Linear`` with a trainable weight, as in full SFT (the floor);
+* ``parametrize``: the authors' approach, ``torch.nn.utils.parametrize`` on the weight with a
+  parametrization that holds B and the mask logits and rebuilds ``W_eff = B + (r cᵀ) ⊙ (W − B)``
+  densely in float32 on every forward (Heaviside straight-through masks);
+* ``lcdd``: :func:`lcdd_kernels.masked_delta_linear` (auto backend: Triton on CUDA, torch on CPU)
+  with masks from :class:`lcdd_kernels.HeavisideMask`.
+
+The SwiGLU group compares ``silu(gate(x)) * up(x)`` built from two of each provider's projections
+with the fused :func:`lcdd_kernels.masked_delta_swiglu`. ``setup_linear`` / ``setup_swiglu`` are the
+one setup per op; ``benchmarks/test_bench_masked_delta.py`` reuses them.
 """
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize as P
+
+from . import common
+
+SUITE = "training"
+PROVIDERS = ("dense", "parametrize", "lcdd")
+BASELINE = "dense"
+OPS = ("linear", "swiglu")
+#: This module's setup entry point, by name (a memory measurement may rerun it in a subprocess).
+PREPARE = "lcdd_kernels.bench.training:prepare"
+
+#: (device type, quick) -> (models, token counts). GPU targets are stated at T = 8192.
+PLANS = {
+    ("cpu", True): (("qwen3-0.6b",), (256,)),
+    ("cpu", False): (("qwen3-0.6b", "llama-3-8b"), (512,)),
+    ("cuda", True): (("qwen3-0.6b", "llama-3-8b"), (8192,)),
+    ("cuda", False): (("qwen3-0.6b", "llama-3-8b"), (8192, 2048)),
+}
+
+
+# ------------------------------------------------------------------------- the authors' approach
+
+
+class MaskedDeltaParametrization(nn.Module):
+    """``W ↦ B + (r cᵀ) ⊙ (W − B)`` for ``torch.nn.utils.parametrize``, as the authors train.
+
+    Holds the frozen base weight B (N, K) as a buffer and the row/column mask logits θ_r (N,),
+    θ_c (K,) (shared between projections that share a mask). The masks are the straight-through
+    Heaviside ``1[θ>0] − σ(θ).detach() + σ(θ)`` of SPEC §2, and the effective weight is built
+    densely in float32 on every access of ``module.weight``, then cast to the weight's dtype.
+    """
+
+    def __init__(self, base: torch.Tensor, row_logits: nn.Parameter, col_logits: nn.Parameter):
+        super().__init__()
+        self.register_buffer("base", base)
+        self.row_logits = row_logits
+        self.col_logits = col_logits
+
+    @staticmethod
+    def straight_through(theta: torch.Tensor) -> torch.Tensor:
+        soft = torch.sigmoid(theta)
+        return (theta > 0).float() - soft.detach() + soft
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        r, c = self.straight_through(self.row_logits), self.straight_through(self.col_logits)
+        base = self.base.float()
+        return (base + torch.outer(r, c) * (weight.float() - base)).to(weight.dtype)
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    """nn.Linear(K, N, bias=False) around an existing (N, K) weight (no second allocation)."""
+    n, k = weight.shape
+    layer = nn.Linear(k, n, bias=False, device="meta")
+    layer.weight = nn.Parameter(weight)
+    return layer
+
+
+def parametrized_linear(weight: torch.Tensor, base: torch.Tensor, row_logits: nn.Parameter,
+                        col_logits: nn.Parameter) -> nn.Linear:
+    """The ``parametrize`` provider's projection: nn.Linear whose weight is W_eff (see above)."""
+    layer = _linear(weight)
+    P.register_parametrization(layer, "weight", MaskedDeltaParametrization(base, row_logits, col_logits))
+    return layer
+
+
+# ------------------------------------------------------------------------------------ setup_fns
+
+
+def _generator(device: str, seed: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def _weights(n: int, k: int, device: str, dtype: torch.dtype, g: torch.Generator, need_base: bool):
+    """(SFT weight W, base B or None): B ~ N(0, 1/K), W = B + a delta a tenth of that.
+
+    Built in place so that setup creates no weight-sized temporaries."""
+    base = torch.randn(n, k, generator=g, device=device, dtype=dtype).mul_(k ** -0.5)
+    weight = torch.randn(n, k, generator=g, device=device, dtype=dtype).mul_(0.1 * k ** -0.5).add_(base)
+    return weight, (base if need_base else None)
+
+
+def _common(case: dict, provider: str, device: str, dtype: str, seed: int, n_weights: int, mask_mean: float):
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+    dt = common.DTYPES[dtype]
+    g = _generator(device, seed)
+    x = torch.randn(case["T"], case["K"], generator=g, device=device, dtype=dt).requires_grad_()
+    pairs = [_weights(case["N"], case["K"], device, dt, g, provider != "dense") for _ in range(n_weights)]
+    masks = None
+    if provider != "dense":
+        from ..masks import HeavisideMask
+
+        masks = (HeavisideMask(case["N"], init_mean=mask_mean, generator=g, device=device),
+                 HeavisideMask(case["K"], init_mean=mask_mean, generator=g, device=device))
+    wbytes = n_weights * case["N"] * case["K"] * x.element_size()
+    return x, pairs, masks, wbytes
+
+
+def _lcdd_info(op: str, device: str, backend: str | None) -> dict:
+    from ..ops import masked_delta
+
+    return {"backend": masked_delta._pick(op, torch.device(device), backend)}
+
+
+def setup_linear(case: dict, provider: str, device: str, dtype: str, backend: str | None = None,
+                 seed: int = 0, mask_mean: float = 1.5) -> common.Prepared:
+    """One projection: x (T, K) → (T, N); W, B (N, K); row mask (N,), column mask (K,).
+
+    Every provider draws the same x and W from ``seed`` (and the same B and mask logits
+    θ ~ N(mask_mean, 0.5) where it has them), so their results are comparable."""
+    x, [(w, b)], masks, wbytes = _common(case, provider, device, dtype, seed, 1, mask_mean)
+    if provider == "dense":
+        layer = _linear(w)
+        return common.Prepared(lambda: layer(x), [x, layer.weight], [x, w], wbytes)
+    rows, cols = masks
+    state = [x, w, b, rows.theta, cols.theta]
+    if provider == "parametrize":
+        layer = parametrized_linear(w, b, rows.theta, cols.theta)
+        params = [x, layer.parametrizations.weight.original, rows.theta, cols.theta]
+        return common.Prepared(lambda: layer(x), params, state, wbytes)
+    from ..ops.masked_delta import masked_delta_linear
+
+    w = nn.Parameter(w)
+    return common.Prepared(lambda: masked_delta_linear(x, w, b, rows(), cols(), backend=backend),
+                           [x, w, rows.theta, cols.theta], state, wbytes,
+                           _lcdd_info("masked_delta_linear", device, backend))
+
+
+def setup_swiglu(case: dict, provider: str, device: str, dtype: str, backend: str | None = None,
+                 seed: int = 0, mask_mean: float = 1.5) -> common.Prepared:
+    """Gate and up (N = d_ff, K = d): ``silu(x·Wgᵀ) ⊙ (x·Wuᵀ)``; masks ffn_hidden (N,), ffn_read (K,)."""
+    x, [(wg, bg), (wu, bu)], masks, wbytes = _common(case, provider, device, dtype, seed, 2, mask_mean)
+    if provider == "dense":
+        gate, up = _linear(wg), _linear(wu)
+        return common.Prepared(lambda: F.silu(gate(x)) * up(x), [x, gate.weight, up.weight], [x, wg, wu], wbytes)
+    hidden, read = masks
+    state = [x, wg, bg, wu, bu, hidden.theta, read.theta]
+    if provider == "parametrize":
+        gate = parametrized_linear(wg, bg, hidden.theta, read.theta)
+        up = parametrized_linear(wu, bu, hidden.theta, read.theta)
+        params = [x, gate.parametrizations.weight.original, up.parametrizations.weight.original,
+                  hidden.theta, read.theta]
+        return common.Prepared(lambda: F.silu(gate(x)) * up(x), params, state, wbytes)
+    from ..ops.masked_delta import masked_delta_swiglu
+
+    wg, wu = nn.Parameter(wg), nn.Parameter(wu)
+    return common.Prepared(
+        lambda: masked_delta_swiglu(x, wg, bg, wu, bu, hidden(), read(), backend=backend),
+        [x, wg, wu, hidden.theta, read.theta], state, wbytes, _lcdd_info("masked_delta_swiglu", device, backend))
+
+
+SETUP = {"linear": setup_linear, "swiglu": setup_swiglu}
+
+
+def prepare(case: dict, provider: str, device: str, dtype: str, **options) -> common.Prepared:
+    """The suite's setup entry point (see lcdd_kernels.bench.common.run_matrix)."""
+    return SETUP[case["op"]](case, provider, device, dtype, **options)
+
+
+def cases(models, tokens, ops=OPS) -> list[dict]:
+    """The cases of a run: every distinct projection shape (op ``linear``) and the SwiGLU pair
+    (op ``swiglu``, N = d_ff) of each model, at each token count."""
+    out = []
+    for t in tokens:
+        for model in models:
+            if "linear" in ops:
+                for proj, n, k in common.projection_shapes(model):
+                    out.append({"group": f"{model} {proj} T={t}", "op": "linear", "model": model, "proj": proj,
+                                "T": t, "N": n, "K": k})
+            if "swiglu" in ops:
+                dims = common.MODEL_DIMS[model]
+                out.append({"group": f"{model} swiglu T={t}", "op": "swiglu", "model": model,
+                            "proj": "gate_proj+up_proj", "T": t, "N": dims["d_ff"], "K": dims["d"]})
+    return out
+
+
+# ------------------------------------------------------------------------------------- targets
+
+
+def _group_is(device_type: str, dtype: str, tokens: int | None, providers=("dense", "lcdd")):
+    def applies(g: dict) -> bool:
+        r = next(iter(g.values()))
+        return (r["mode"] == "full" and r["device_type"] == device_type and r["dtype"] == dtype
+                and (tokens is None or r["T"] == tokens) and all(p in g for p in providers))
+    return applies
+
+
+def _speedup(g: dict) -> float | None:
+    a, b = g["parametrize"].get("ms_median"), g["lcdd"].get("ms_median")
+    return a / b if a is not None and b else None
+
+
+#: The issue's targets (issue 2, item 7). Checked and printed, never asserted.
+TARGETS = [
+    common.Target("gpu-time", "GPU bf16 T=8192, full fwd+bwd: lcdd time / dense <= 1.10",
+                  _group_is("cuda", "bfloat16", 8192), lambda g: g["lcdd"].get("time_vs_baseline"), 1.10),
+    common.Target("gpu-vs-parametrize", "GPU bf16 T=8192, full: parametrize time / lcdd time >= 1.5",
+                  _group_is("cuda", "bfloat16", 8192, ("lcdd", "parametrize")), _speedup, 1.5, ">="),
+    common.Target("gpu-memory", "GPU bf16 T=8192, full: lcdd peak <= dense + one base-weight copy "
+                  "(extra weight copies <= 1.0)",
+                  _group_is("cuda", "bfloat16", 8192), lambda g: g["lcdd"].get("extra_weight_copies"), 1.0),
+    common.Target("cpu-memory", "CPU fp32, full: lcdd extra peak memory over dense <= 1.1 weight copies "
+                  "(parametrize needs about five)",
+                  _group_is("cpu", "float32", None), lambda g: g["lcdd"].get("extra_weight_copies"), 1.1),
+]
+
+
+# --------------------------------------------------------------------------------- command line
+
+
+def _csv(kind):
+    return lambda s: tuple(kind(v) for v in s.split(",") if v)
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=None)
+    common.add_common_arguments(p)
+    p.add_argument("--models", type=_csv(str), default=None,
+                   help=f"comma list from {', '.join(common.MODEL_DIMS)} (default: by device and --quick)")
+    p.add_argument("--T", type=_csv(int), default=None, dest="tokens", help="comma list of token counts")
+    p.add_argument("--ops", type=_csv(str), default=OPS, help="linear,swiglu")
+    p.add_argument("--providers", type=_csv(str), default=PROVIDERS, help=",".join(PROVIDERS))
+    p.add_argument("--modes", type=_csv(str), default=common.MODES, help=",".join(common.MODES))
+    p.add_argument("--lcdd-backend", default=None, help="force the lcdd provider's backend (default: auto)")
 
 
 def run(args) -> int:
-    raise NotImplementedError("lcdd bench training is being written")
+    device, dtype = common.resolve_device_dtype(args)
+    for name, given, known in (("--providers", args.providers, PROVIDERS), ("--modes", args.modes, common.MODES),
+                               ("--ops", args.ops, OPS), ("--models", args.models or (), common.MODEL_DIMS)):
+        bad = [v for v in given if v not in known]
+        if bad:
+            raise ValueError(f"{name}: unknown {', '.join(bad)}; choose from {', '.join(known)}")
+    if BASELINE not in args.providers:
+        raise ValueError(f"--providers must include the baseline {BASELINE!r} (ratios are taken against it)")
+    results = common.open_results(args)
+    models, tokens = PLANS[(torch.device(device).type, bool(args.quick))]
+    todo = cases(args.models or models, args.tokens or tokens, args.ops)
+    print(f"lcdd bench {SUITE}: {len(todo)} shapes x {len(args.providers)} providers x {len(args.modes)} modes "
+          f"on {common.device_name(device)}, {dtype}")
+    rows = common.run_matrix(SUITE, PREPARE, todo, args.providers, args.modes, device, dtype, BASELINE,
+                             options={"backend": args.lcdd_backend}, budget_s=args.budget,
+                             memory=not args.no_memory, results=results)
+    print(common.format_table(rows))
+    print()
+    checks = common.check_targets(rows, TARGETS)
+    print(common.format_targets(checks))
+    if results is not None:
+        results.write(rows, checks)
+        print(f"wrote {len(rows)} rows to {results.path}")
+    if args.plot:
+        from .plot import plot_rows
+
+        print(f"wrote {plot_rows(rows, args.plot)}")
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        print(f"{len(failed)} of {len(rows)} measurements failed (see the error column)")
+        return 1
+    return 0

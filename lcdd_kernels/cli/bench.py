@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib
 
 # suite name -> module in lcdd_kernels.bench providing add_arguments(parser) and run(args)
+# ("plot" is no suite: it draws any suite's results file)
 SUITES = {
     "training": "training",
+    "plot": "plot",
 }
 
 
