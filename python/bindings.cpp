@@ -29,6 +29,8 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "lcdd-kernels native kernels (C API bindings)";
   m.def("version", &lcdd_version);
   m.def("has_cuda", []() { return lcdd_has_cuda() != 0; });
+  m.def("set_num_threads", [](int n) { check(lcdd_set_num_threads(n), "lcdd_set_num_threads"); });
+  m.def("get_num_threads", &lcdd_get_num_threads);
 
   m.def(
       "gather_channels_cpu",

@@ -282,4 +282,4 @@ def test_bank_errors():
         bank.remove(1)
     meta = L.CarrierBank(device="meta")
     with pytest.raises(ValueError, match="the bank holds its carriers on meta but x is on cpu"):
-        g(x, base, meta, "proj", torch.zeros(4, dtype=torch.long))
+        g(x, base, meta, "proj", torch.full((4,), -1))

@@ -71,7 +71,8 @@ def test_gradient_scatters_into_zero_hidden(backend):
     (L.gather_channels(h1, pos, ch, backend=backend) * g).sum().backward()
     (gather_channels_ref(h2, pos, ch) * g).sum().backward()
     assert torch.equal(h1.grad, h2.grad)
-    assert torch.autograd.gradcheck(lambda h: L.gather_channels(h, pos, ch, backend=backend), (h1,))
+    small = h1.detach()[:2, :3, :5].clone().requires_grad_(True)  # gradcheck runs one forward per element
+    assert torch.autograd.gradcheck(lambda h: L.gather_channels(h, pos[:2] % 3, ch[:4] % 5, backend=backend), (small,))
 
 
 def test_empty_batch_and_channels():

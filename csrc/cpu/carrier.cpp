@@ -91,7 +91,8 @@ template <typename T>
 void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t tokens, int64_t n_out,
             int64_t n_in, const lcdd_carrier_view* cv, const Routing& rt) {
   const int64_t blocks = (n_out + kRowBlock - 1) / kRowBlock;
-#pragma omp parallel
+  const bool par = blocks > 1 && tokens * n_out * n_in > lcdd::kMinParallelWork;
+#pragma omp parallel num_threads(lcdd::threads()) if (par)
   {
     std::vector<Acc<T>> acc(static_cast<size_t>(kRowBlock * tokens));
 #pragma omp for schedule(static)
@@ -138,7 +139,10 @@ void add(const T* x, int64_t xs, T* y, int64_t n_out, const lcdd_carrier_view* c
       for (int64_t row = 0; row < cv[c].n_rows; row += kAddRows) items.push_back({c, tok, row});
   }
   const int64_t n_items = static_cast<int64_t>(items.size());
-#pragma omp parallel if (n_items > 1)
+  int64_t work = 0;
+  for (int64_t c : rt.used) work += static_cast<int64_t>(rt.tokens[c].size()) * cv[c].n_rows * cv[c].n_cols;
+  const bool par = n_items > 1 && work > lcdd::kMinParallelWork;
+#pragma omp parallel num_threads(lcdd::threads()) if (par)
   {
     std::vector<Acc<T>> xg(static_cast<size_t>(kAddTokens * max_cols));
 #pragma omp for schedule(dynamic)

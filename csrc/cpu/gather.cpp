@@ -9,7 +9,7 @@ namespace {
 template <typename E, typename I>
 void gather(const E* hidden, int64_t batch, int64_t sb, int64_t ss, int64_t sd, const int64_t* pos,
             const I* ch, int64_t n_ch, E* out, int64_t ob, int64_t oc) {
-#pragma omp parallel for schedule(static) if (batch * n_ch > 16384)
+#pragma omp parallel for schedule(static) num_threads(lcdd::threads()) if (batch * n_ch > lcdd::kMinParallelWork)
   for (int64_t b = 0; b < batch; ++b) {
     const E* row = hidden + b * sb + pos[b] * ss;
     E* dst = out + b * ob;

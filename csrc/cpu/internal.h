@@ -11,6 +11,12 @@
 
 namespace lcdd {
 
+// Threads for the kernels' parallel regions (lcdd_set_num_threads, else the OpenMP default).
+int threads();
+
+// Below this many multiply-adds a kernel runs on one thread: waking a pool costs more.
+constexpr int64_t kMinParallelWork = 1 << 16;
+
 struct half_t { uint16_t bits; };
 struct bf16_t { uint16_t bits; };
 

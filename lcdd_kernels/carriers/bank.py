@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _checks
-from ..ops.carrier import CarrierTable, _Entry, bank_linear, route, row_slots
+from ..ops.carrier import CarrierTable, _bank_linear, _Entry, route, row_slots
 
 __all__ = ["CarrierBank", "BankLinear", "apply_carrier_bank", "merge_carrier_", "unmerge_carrier_"]
 
@@ -350,7 +350,7 @@ class BankLinear(nn.Module):
         ids = self.bank.token_ids(x)
         if ids is None:
             return F.linear(x, self.weight, self.bias)
-        return bank_linear(x, self.weight, self.bank, self.path, ids, self.bias, check_ids=False)
+        return _bank_linear(x, self.weight, self.bias, self.bank, self.path, ids)
 
 
 def _carrier_list(carriers) -> list[tuple[str | None, object]]:

@@ -14,9 +14,19 @@ DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3
 INDEX = {torch.int32: 0, torch.int64: 1}
 
 
+_threads = None
+
+
 def lib():
+    """The extension, with its CPU thread count kept equal to PyTorch's (two OpenMP pools of
+    different sizes on the same cores would oversubscribe them)."""
+    global _threads
     from .. import _C
 
+    n = torch.get_num_threads()
+    if n != _threads:
+        _C.set_num_threads(n)
+        _threads = n
     return _C
 
 

@@ -13,7 +13,8 @@ Backends (``_backend.select``; ``LCDD_BACKEND`` / ``backend=`` override):
   weight and over each used delta;
 - ``triton`` (CUDA tensors, larger T): base GEMM by cuBLAS, then one Triton launch adds every
   carrier's rows in place (see carrier_triton.py for why this split);
-- ``cpp`` (CPU tensors): ``_C``; fused for T ≤ 16, else PyTorch's GEMM then the C++ carrier add;
+- ``cpp`` (CPU tensors): PyTorch's GEMM (oneDNN / MKL: the floor on a CPU) for the base, then
+  the C++ carrier add of ``_C`` in place (the library's fused CPU entry point serves C callers);
 - ``torch``: PyTorch GEMM then ``index_select`` / ``mm`` / ``index_add_`` in place;
 - ``reference``: the same math out of place, literally, differentiable in every input.
 
@@ -38,8 +39,7 @@ from .masked_delta import _autocast
 __all__ = ["carrier_linear", "bank_linear", "carrier_linear_ref", "bank_linear_ref", "CarrierTable"]
 
 _IMPLEMENTED = ("triton", "cuda", "cpp", "torch", "reference")
-#: Batches up to this many tokens are "decode": the CUDA backend is preferred for them, and the
-#: C++ backend uses its fused kernel (above it, PyTorch's GEMM plus the C++ carrier add).
+#: Batches up to this many tokens are "decode": the CUDA backend is preferred for them.
 DECODE_TOKENS = 16
 
 # ---------------------------------------------------------------------------------------------
@@ -168,12 +168,6 @@ def _forward(name, x2, base_weight, bias, table, ids, routing):
             _native.ptr(x2), x2.stride(0), _native.ptr(base_weight), _native.ptr(bias), _native.ptr(y2),
             n_tok, n_out, n_in, dt, _native.ptr(table.views), len(table), ids_ptr, _native.stream(x2.device))
         return y2
-    if name == "cpp" and n_tok <= DECODE_TOKENS:
-        y2 = x2.new_empty(n_tok, n_out)
-        _native.lib().carrier_linear_cpu(
-            _native.ptr(x2), x2.stride(0), _native.ptr(base_weight), _native.ptr(bias), _native.ptr(y2),
-            n_tok, n_out, n_in, dt, _native.ptr(table.views), len(table), ids_ptr)
-        return y2
     y2 = _base(x2, base_weight, bias)
     if name == "cpp":
         _native.lib().carrier_add_cpu(_native.ptr(x2), x2.stride(0), _native.ptr(y2), n_tok, n_out, n_in, dt,
@@ -245,18 +239,37 @@ def _check_carrier(op, x, base_weight, delta, rows, cols):
     _checks.same_device(op, "x", x, delta=delta)
 
 
-def _no_weight_grads(op, base_weight, bias, deltas, name):
-    if name == "reference" or not torch.is_grad_enabled():
+def _no_weight_grads(op, base_weight, bias, deltas):
+    """The non-reference backends differentiate x only: refuse weights that want a gradient."""
+    if not torch.is_grad_enabled():
         return
-    for what, t in (("base_weight", base_weight), ("bias", bias), ("delta", next((d for d in deltas if d.requires_grad), None))):
+    for what, t in (("base_weight", base_weight), ("bias", bias)):
         if t is not None and t.requires_grad:
-            raise ValueError(
-                f"{op}: {what} requires grad, but this op computes gradients for x only (an inference op); "
-                f"freeze it ({what}.requires_grad_(False), or model.requires_grad_(False)), run under "
-                f"torch.no_grad() / torch.inference_mode(), or pass backend='reference' for weight gradients")
+            break
+    else:
+        what, t = "delta", next((d for d in deltas if d.requires_grad), None)
+    if t is not None:
+        raise ValueError(
+            f"{op}: {what} requires grad, but this op computes gradients for x only (an inference op); "
+            f"freeze it ({what}.requires_grad_(False), or model.requires_grad_(False)), run under "
+            f"torch.no_grad() / torch.inference_mode(), or pass backend='reference' for weight gradients")
+
+
+_SELECTED: dict = {}
 
 
 def _select(op, x, n_tok, backend):
+    """The backend for one call; memoised on everything the choice depends on (the per-call
+    cost matters at decode sizes, where a GPU kernel takes a few microseconds)."""
+    key = (op, x.device, n_tok <= DECODE_TOKENS, x.dtype == torch.float64, backend, _backend.requested(),
+           _backend.native_available(), _backend.triton_interpret())
+    name = _SELECTED.get(key)
+    if name is None:
+        name = _SELECTED[key] = _select_uncached(op, x, n_tok, backend)
+    return name
+
+
+def _select_uncached(op, x, n_tok, backend):
     auto = ("cuda", "triton", "cpp", "torch") if n_tok <= DECODE_TOKENS else ("triton", "cpp", "torch")
     name = _backend.select(op, x.device, _IMPLEMENTED, auto, backend)
     if name == "cuda" and x.dtype == torch.float64:
@@ -270,7 +283,7 @@ def _select(op, x, n_tok, backend):
 def _run(op, name, x, base_weight, bias, table, ids, routing, deltas):
     n, k = base_weight.shape
     x2 = x.reshape(-1, k)
-    _no_weight_grads(op, base_weight, bias, deltas, name)
+    _no_weight_grads(op, base_weight, bias, deltas)
     if name in ("cuda", "cpp", "triton"):
         if not base_weight.is_contiguous() and name != "triton":
             raise ValueError(f"{op}: base_weight must be contiguous for the {name!r} backend (it reads raw "
@@ -309,7 +322,6 @@ def carrier_linear(x, base_weight, delta, rows, cols, bias=None, *, backend=None
     x, base_weight, delta, bias = _autocast(x, base_weight, delta, bias)
     name = _select(op, x, x.numel() // max(x.shape[-1], 1), backend)
     if name == "reference":
-        _no_weight_grads(op, base_weight, bias, (delta,), name)
         return carrier_linear_ref(x, base_weight, delta, rows, cols, bias)
     n, k = base_weight.shape
     table = CarrierTable(n, k, [CarrierTable.entry(delta, rows, cols, n, slots=name == "cuda")], x.device)
@@ -336,8 +348,7 @@ def bank_linear(x, base_weight, bank, module_name, carrier_ids, bias=None, *, ba
     """
     op = "bank_linear"
     _check_linear(op, x, base_weight, bias)
-    n, k = base_weight.shape
-    table = bank.table(module_name, x.device, x.dtype, (n, k))
+    k = base_weight.shape[1]
     n_tok = x.numel() // k if k else 0
     _checks.tensor(op, "carrier_ids", carrier_ids)
     if carrier_ids.dtype not in _checks.INDEX_DTYPES:
@@ -346,12 +357,21 @@ def bank_linear(x, base_weight, bank, module_name, carrier_ids, bias=None, *, ba
     _checks.same_device(op, "x", x, carrier_ids=carrier_ids)
     if check_ids:
         bank.check_ids(carrier_ids, op)
+    return _bank_linear(x, base_weight, bias, bank, module_name, carrier_ids, backend)
+
+
+def _bank_linear(x, base_weight, bias, bank, module_name, carrier_ids, backend=None):
+    """:func:`bank_linear` after its argument checks. A bank-served model's projections call this
+    directly: their weight and bias are the model's, the context's ids were checked once."""
+    op = "bank_linear"
     x, base_weight, bias = _autocast(x, base_weight, bias)
-    name = _select(op, x, n_tok, backend)
+    n, k = base_weight.shape
+    table = bank.table(module_name, x.device, x.dtype, (n, k))
+    name = _select(op, x, x.numel() // k if k else 0, backend)
     if name == "reference":
-        deltas = [None if e is None else (e.delta, e.rows, e.cols) for e in table.entries]
-        _no_weight_grads(op, base_weight, bias, [d[0] for d in deltas if d is not None], name)
-        return bank_linear_ref(x, base_weight, deltas, carrier_ids, bias)
-    ids = carrier_ids.to(torch.int32).contiguous()
+        items = [None if e is None else (e.delta, e.rows, e.cols) for e in table.entries]
+        return bank_linear_ref(x, base_weight, items, carrier_ids, bias)
+    ids = carrier_ids if carrier_ids.dtype == torch.int32 else carrier_ids.to(torch.int32)
+    ids = ids.contiguous()
     routing = bank.routing(ids, len(table)) if name == "triton" else None
-    return _run(op, name, x, base_weight, bias, table, ids, routing, [e.delta for e in table.entries if e])
+    return _run(op, name, x, base_weight, bias, table, ids, routing, (e.delta for e in table.entries if e))

@@ -47,6 +47,10 @@ const char* lcdd_status_string(lcdd_status status);
 const char* lcdd_version(void);
 /* 1 when the library was built with its CUDA kernels, else 0. */
 int lcdd_has_cuda(void);
+/* Threads the CPU kernels use (OpenMP): n >= 1, or 0 for the OpenMP default. Embedders that run
+ * their own thread pool (PyTorch does) set it to theirs so that the two do not oversubscribe. */
+lcdd_status lcdd_set_num_threads(int n);
+int lcdd_get_num_threads(void);
 
 /* ---------------------------------------------------------------------------------------------
  * Channel gather (activation capture, SPEC §5)
