@@ -1,0 +1,246 @@
+"""Whole LCDD training step on a Qwen3-0.6B-shaped model: plain-sft vs parametrize vs lcdd.
+
+One step = forward, cross-entropy loss, backward, optimizer step(s), on random weights of the
+Qwen3-0.6B shape (CPU: 4 decoder layers; GPU: all 28), batch 4×256 tokens by default.
+
+* ``plain-sft``: the unpatched model; AdamW on the projection weights (embeddings, norms and
+  lm_head frozen, as in LCDD) — the floor;
+* ``parametrize``: the authors' approach: ``torch.nn.utils.parametrize`` on every projection with the
+  masked-delta parametrization of the op-level suite (dense ``W_eff`` in fp32 on every forward),
+  the L0 penalty in the loss, AdamW on W and SGD on θ;
+* ``lcdd``: :func:`lcdd_kernels.apply_lcdd`; the penalty's gradient is added after backward.
+
+Reported per provider: step time (median, p20–p80), tokens/s, peak memory (the tensors held —
+weights, frozen base, masks, optimizer state — plus the step's high-water mark), and ratios to
+plain-sft. Targets (issue 3): step time ≤ 1.1× plain-sft; peak ≤ plain-sft + one copy of the
+projection weights + 5% of plain-sft's peak.
+"""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize as P
+
+from . import common
+from .training import MaskedDeltaParametrization
+
+SUITE = "lcdd-step"
+PROVIDERS = ("plain-sft", "parametrize", "lcdd")
+BASELINE = "plain-sft"
+#: Qwen3-0.6B's config.json (the fields that shape a training step).
+QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
+                 max_position_embeddings=40960, rms_norm_eps=1e-6)
+#: device type -> decoder layers when --layers is not given
+LAYERS = {"cpu": 4, "cuda": 28}
+
+
+def build_model(layers: int, device: str, dtype: torch.dtype, seed: int = 0):
+    """The Qwen3-0.6B shape with ``layers`` decoder layers and random weights."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    cfg = Qwen3Config(**{**QWEN3_06B, "num_hidden_layers": layers})
+    cfg.use_cache = False
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = Qwen3ForCausalLM(cfg).to(dtype)
+    return model
+
+
+def _base_state(model) -> dict[str, torch.Tensor]:
+    """A base model's state: projection weights = the model's minus a small random delta, built one
+    tensor at a time; every other tensor shared with the model (no copy)."""
+    from ..models.families import module_paths
+
+    proj = {f"{p}.weight" for _, _, p in module_paths(model)}
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(1)
+    out = {}
+    for name, t in model.state_dict().items():
+        if name in proj:
+            b = torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype).mul_(0.01 * float(t.std()))
+            out[name] = b.add_(t)
+        else:
+            out[name] = t
+    return out
+
+
+class _GQAColumns(MaskedDeltaParametrization):
+    """o_proj: the column logits are the v logits repeated over each kv head's query heads."""
+
+    def __init__(self, base, row_logits, v_logits, n_kv: int, head_dim: int, groups: int):
+        super().__init__(base, row_logits, v_logits)
+        self.shape = (n_kv, head_dim, groups)
+
+    def forward(self, weight):
+        n_kv, hd, groups = self.shape
+        cols = self.straight_through(self.col_logits).view(n_kv, hd).repeat_interleave(groups, 0).reshape(-1)
+        r = self.straight_through(self.row_logits)
+        base = self.base.float()
+        return (base + torch.outer(r, cols) * (weight.float() - base)).to(weight.dtype)
+
+
+def _parametrize(model, base_state) -> list[nn.Parameter]:
+    """The authors' patch: per layer one θ per mask group, a parametrization per projection.
+    Returns the mask logits."""
+    from ..models.families import Dims, decoder_layers, get_family
+
+    fam, dims = get_family(model), Dims.from_config(model)
+    masks = []
+    for i, layer in enumerate(decoder_layers(model)):
+        theta = nn.ParameterDict({g: nn.Parameter(torch.empty(n, device=model.device).normal_(1.5, 0.5))
+                                  for g, n in dims.group_sizes().items()})
+        layer.bench_masks = theta
+        masks += list(theta.values())
+        for proj in fam.projections:
+            lin = layer.get_submodule(proj.path)
+            b = base_state[f"{fam.layers}.{i}.{proj.path}.weight"]
+            if proj.gqa_cols:
+                par = _GQAColumns(b, theta[proj.rows], theta[proj.cols], dims.num_kv_heads, dims.head_dim,
+                                  dims.gqa_groups)
+            else:
+                par = MaskedDeltaParametrization(b, theta[proj.rows], theta[proj.cols])
+            P.register_parametrization(lin, "weight", par)
+    return masks
+
+
+def prepare(case: dict, provider: str, device: str, dtype: str) -> common.Prepared:
+    """Model, optimizers and one warm-up step (so optimizer state exists); ``forward`` runs one
+    whole training step and returns the loss."""
+    from ..dual import DualController
+    from ..models.families import module_paths
+    from ..models.patch import apply_lcdd
+
+    dt = getattr(torch, dtype)
+    model = build_model(case["layers"], device, dt)
+    model.train()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    proj = [model.get_submodule(p).weight for _, _, p in module_paths(model)]
+    weight_bytes = sum(w.numel() * w.element_size() for w in proj)
+    handle, masks, ctl = None, [], DualController(warmup_steps=0, lambda_init=1e-4)
+    if provider == "plain-sft":
+        weights = [w.requires_grad_(True) for w in proj]
+    elif provider == "parametrize":
+        weights = [w.requires_grad_(True) for w in proj]
+        masks = _parametrize(model, _base_state(model))
+    elif provider == "lcdd":
+        handle = apply_lcdd(model, _base_state(model), seed=0)
+        weights, masks = handle.parameters()["weights"], handle.parameters()["masks"]
+    else:
+        raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+    opts = [torch.optim.AdamW(weights, lr=2e-5)] + ([torch.optim.SGD(masks, lr=0.1)] if masks else [])
+    g = torch.Generator(device=device).manual_seed(2)
+    ids = torch.randint(0, model.config.vocab_size, (case["batch"], case["seq"]), generator=g, device=device)
+
+    def step() -> torch.Tensor:
+        loss = model(input_ids=ids, labels=ids).loss
+        ctl.observe(loss)
+        if provider == "parametrize":  # the authors put the penalty into the loss
+            loss = loss + ctl.lam * torch.stack([torch.sigmoid(t).sum() for t in masks]).sum()
+        loss.backward()
+        if handle is not None:
+            handle.add_penalty_grad_(ctl.lam)
+        for o in opts:
+            o.step()
+            o.zero_grad(set_to_none=True)
+        ctl.step(1)
+        return loss.detach()
+
+    step()  # warm-up: allocates the optimizer state, which then counts as held state
+    state = [t for t in model.parameters()] + [t for t in model.buffers()]
+    state += [v for o in opts for s in o.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return common.Prepared(forward=step, params=weights + masks, state=state, weight_bytes=weight_bytes,
+                           info={"tokens": case["batch"] * case["seq"]})
+
+
+def measure(case: dict, provider: str, device: str, dtype: str, budget_s: float, memory: bool) -> dict:
+    prep = prepare(case, provider, device, dtype)
+    out = {**prep.info, "weight_bytes": prep.weight_bytes, "state_bytes": prep.state_bytes()}
+    out.update(common.time_call(prep.forward, device, prep.params, budget_s=budget_s, min_reps=3))
+    out["tokens_per_s"] = out["tokens"] / (out["ms_median"] / 1e3)
+    out.update(call_peak_bytes=None, peak_bytes=None, memory_method=None)
+    if memory:
+        if torch.device(device).type != "cuda" and not common.hwm_reset_works():
+            raise RuntimeError("peak memory needs a resettable VmHWM (Linux); rerun with --no-memory")
+        out["call_peak_bytes"] = common.call_peak_bytes(prep.forward, device, prep.params, tries=1)
+        out["memory_method"] = "max_memory_allocated" if torch.device(device).type == "cuda" else "VmHWM"
+        out["peak_bytes"] = out["state_bytes"] + out["call_peak_bytes"]
+    return out
+
+
+def _applies(g: dict) -> bool:
+    return BASELINE in g and "lcdd" in g
+
+
+def _mem_excess(g: dict) -> float | None:
+    """(lcdd peak − plain peak − one projection-weight copy) / plain peak."""
+    a, b = g["lcdd"].get("peak_bytes"), g[BASELINE].get("peak_bytes")
+    if a is None or not b:
+        return None
+    return (a - b - g["lcdd"]["weight_bytes"]) / b
+
+
+TARGETS = [
+    common.Target("step-time", "whole LCDD step: lcdd time / plain-sft <= 1.10", _applies,
+                  lambda g: g["lcdd"].get("time_vs_baseline"), 1.10),
+    common.Target("step-memory", "lcdd peak <= plain-sft + one projection-weight copy + 5% "
+                  "(value: excess over plain + W, as a share of plain's peak)", _applies, _mem_excess, 0.05),
+]
+
+COLUMNS = common.COLUMNS[:5] + [("tokens/s", lambda r: common._f(r.get("tokens_per_s"), "{:.0f}"))] + common.COLUMNS[5:]
+
+
+def add_arguments(p) -> None:
+    common.add_common_arguments(p, default_budget=5.0)
+    p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 4 on CPU, 28 on CUDA)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--providers", default=",".join(PROVIDERS), help=",".join(PROVIDERS))
+
+
+def run(args) -> int:
+    from tqdm import tqdm
+
+    device, dtype = common.resolve_device_dtype(args)
+    providers = [p for p in args.providers.split(",") if p]
+    bad = [p for p in providers if p not in PROVIDERS]
+    if bad or BASELINE not in providers:
+        raise ValueError(f"--providers: choose from {', '.join(PROVIDERS)} and include {BASELINE!r} (got {providers})")
+    results = common.open_results(args)
+    dtype_name = str(dtype).removeprefix("torch.")
+    layers = args.layers or LAYERS[torch.device(device).type]
+    if args.quick:
+        layers = min(layers, 2)
+    case = {"group": f"qwen3-0.6b-shape x{layers} layers, {args.batch}x{args.seq} tokens", "model": "qwen3-0.6b",
+            "layers": layers, "batch": args.batch, "seq": args.seq}
+    print(f"lcdd bench {SUITE}: {case['group']} on {common.device_name(device)}, {dtype_name}")
+    st = common.stamp(device, dtype)
+    rows = []
+    for provider in tqdm(providers, desc=f"bench {SUITE}", unit="provider"):
+        try:
+            measured = measure(case, provider, device, dtype_name, args.budget, not args.no_memory)
+        except Exception as e:  # one failing provider must not lose the others
+            measured = {"error": f"{type(e).__name__}: {e}"[:500]}
+        rows.append(common.make_row(SUITE, st, case, provider, "step", **measured))
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        common.add_ratios(rows, BASELINE)
+        if results is not None:
+            results.write(rows)
+    print(common.format_table(rows, COLUMNS))
+    print()
+    checks = common.check_targets(rows, TARGETS)
+    print(common.format_targets(checks))
+    if results is not None:
+        results.write(rows, checks)
+        print(f"wrote {len(rows)} rows to {results.path}")
+    if args.plot:
+        from .plot import plot_rows
+
+        print(f"wrote {plot_rows(rows, args.plot)}")
+    return 1 if any("error" in r for r in rows) else 0
