@@ -43,6 +43,11 @@ _EXPORTS: dict[str, str] = {
     "load_carrier": ".carriers.format",
     "base_fingerprint": ".carriers.format",
     "apply_carrier": ".carriers.apply",
+    # training (SPEC §3)
+    "train_sft": ".train.loop",
+    "train_lcdd": ".train.loop",
+    "TrainConfig": ".train.loop",
+    "LCDDCallback": ".train.callback",
     # carrier inference (SPEC §4): fused ops, many carriers per batch, merge / unmerge
     "carrier_linear": ".ops.carrier",
     "bank_linear": ".ops.carrier",
@@ -87,6 +92,8 @@ if TYPE_CHECKING:  # pragma: no cover - for static tools only
     from .models.authors import load_authors_masks  # noqa: F401
     from .models.families import decoder_layers, get_family  # noqa: F401
     from .models.patch import LCDDHandle, apply_lcdd  # noqa: F401
+    from .train.callback import LCDDCallback  # noqa: F401
+    from .train.loop import TrainConfig, train_lcdd, train_sft  # noqa: F401
     from .ops.gather import gather_channels  # noqa: F401
     from .ops.masked_delta import (  # noqa: F401
         effective_weight,

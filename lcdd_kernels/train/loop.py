@@ -95,6 +95,14 @@ def _prepare_out_dir(out_dir, resume: bool) -> tuple[Path | None, Path | None]:
             raise ValueError("resume=True needs the out_dir of the run to resume")
         return None, None
     out = Path(out_dir)
+    rank, world = _rank_world()
+    if world > 1:
+        if resume:
+            raise ValueError("resume=True is single-process only; under torch.distributed save and load "
+                             "sharded state with torch.distributed.checkpoint")
+        if rank == 0:
+            out.mkdir(parents=True, exist_ok=True)
+        return out, None  # only rank 0 writes (the log); no checkpoints under sharding
     ckpt = latest_checkpoint(out) if out.is_dir() else None
     if resume:
         if ckpt is None:
@@ -102,8 +110,7 @@ def _prepare_out_dir(out_dir, resume: bool) -> tuple[Path | None, Path | None]:
     elif out.is_dir() and any(out.iterdir()):
         raise FileExistsError(f"{out} is not empty; choose a new out_dir, or pass resume=True (CLI: --resume) "
                               "to continue the run in it")
-    if _rank_world()[0] == 0:
-        out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     return out, ckpt
 
 
