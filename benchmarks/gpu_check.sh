@@ -9,7 +9,8 @@
 # package runs from the source tree (PYTHONPATH). Every stage runs under `timeout` inside one
 # overall budget; a failed or timed-out stage is recorded and the next one still runs.
 # What comes back (at most 8 files): summary.txt (one line per stage: exit status, seconds),
-# log.txt (every stage's output), training-gpu.json / .png, and <suite>-gpu.json for each hook suite.
+# log.txt (every stage's output), training-gpu.json / .png, designs-gpu.json (Triton fused vs
+# split), and <suite>-gpu.json for each hook suite (carrier, eraser, lcdd-step): 8 files.
 set -u
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -64,23 +65,31 @@ stage env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --
 #    failed build is recorded and the tests still run (they then report what needs it).
 stage build 150 "$PY" setup.py build_ext --inplace
 
-# 3. The whole test suite on the GPU (bf16 and the real Triton/CUDA kernels run here).
+# 3. The whole test suite on the GPU (bf16 and the real Triton/CUDA kernels run here), with one
+#    Triton config instead of autotuning every test shape.
 PYTEST_OPTS=(-x -q -p no:cacheprovider --durations=15)
 "$PY" -c "import pytest_benchmark" 2>/dev/null || PYTEST_OPTS+=(-o "addopts=-ra")
-stage tests 150 "$PY" -m pytest tests "${PYTEST_OPTS[@]}"
+stage tests 120 env LCDD_TRITON_AUTOTUNE=0 "$PY" -m pytest tests "${PYTEST_OPTS[@]}"
 
-# 4. Benchmarks, bf16 on the GPU. Results are written after every shape, so a timeout keeps what
-#    was measured. GPU_BENCH_FULL=1 adds T=2048 to the issue's T=8192.
+# 4. Benchmarks, bf16 on the GPU (Triton autotuned unless GPU_BENCH_AUTOTUNE=0). Results are
+#    written after every shape, so a timeout keeps what was measured. GPU_BENCH_FULL=1 adds T=2048
+#    to the issue's T=8192.
+export LCDD_TRITON_AUTOTUNE=${GPU_BENCH_AUTOTUNE:-1}
 QUICK=--quick
 [ "${GPU_BENCH_FULL:-0}" = 1 ] && QUICK=
-stage bench-training 150 "${LCDD[@]}" bench training --device cuda --dtype bfloat16 $QUICK \
+stage bench-training 120 "${LCDD[@]}" bench training --device cuda --dtype bfloat16 $QUICK \
     --out "$OUT/training-gpu.json" --force
-stage plot-training 20 "${LCDD[@]}" bench plot "$OUT/training-gpu.json" --out "$OUT/training-gpu.png" --force
+stage plot-training 15 "${LCDD[@]}" bench plot "$OUT/training-gpu.json" --out "$OUT/training-gpu.png" --force
+
+# 5. The two Triton designs side by side over T (full fwd+bwd): where split overtakes fused sets
+#    FUSED_MAX_TOKENS in lcdd_kernels/ops/masked_delta_triton.py.
+stage bench-designs 45 "${LCDD[@]}" bench training --device cuda --dtype bfloat16 --modes full \
+    --providers dense,lcdd-fused,lcdd-split --T 256,1024,4096 --no-memory --out "$OUT/designs-gpu.json" --force
 
 # ---- HOOKS: the other suites. Each one registered in lcdd_kernels/cli/bench.py (SUITES) runs here
 # ---- with the common options, into $OUT/<suite>-gpu.json; a suite not registered yet is skipped.
 # ---- Keep each under its cap (seconds) and the whole script under 8 minutes: one results file each.
-for hook in "carrier 60" "eraser 60" "lcdd-step 60"; do
+for hook in "carrier 45" "eraser 45" "lcdd-step 45"; do
     read -r suite cap <<<"$hook"
     if "${LCDD[@]}" bench "$suite" --help >/dev/null 2>&1; then
         stage "bench-$suite" "$cap" "${LCDD[@]}" bench "$suite" --device cuda --dtype bfloat16 --quick \

@@ -15,15 +15,19 @@ Memory accounting (all numbers in bytes):
 * ``state_bytes``: the tensors the provider holds before the call (inputs, weights, frozen copies,
   mask logits), de-duplicated by storage;
 * ``call_peak_bytes``: the high-water mark during one call minus what was allocated just before it
-  (CUDA: ``max_memory_allocated``; CPU: the process's VmHWM, reset through /proc/self/clear_refs);
+  (CUDA: ``max_memory_allocated``; CPU: tensor bytes, exact, from the profiler's allocation events);
 * ``peak_bytes = state_bytes + call_peak_bytes``: what the provider needs in all;
 * ``extra_weight_copies = (peak − baseline peak) / weight_bytes``, where ``weight_bytes`` is one copy
   of the op's trainable weights. Memory is measured in modes ``forward`` and ``full``;
-  ``backward`` rows carry time only (its memory is that of ``full``).
+  ``backward`` rows carry time only (its memory is that of ``full``);
+* CPU rows also carry ``rss_call_peak_bytes`` / ``rss_peak_bytes`` / ``rss_extra_weight_copies``:
+  the process's view (VmHWM, reset through /proc/self/clear_refs, or a fresh subprocess where it
+  cannot be reset), which includes non-tensor memory but is only good to a few hundred KiB.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime as _dt
 import gc
@@ -137,11 +141,6 @@ def resolve(target: str) -> Callable:
     return getattr(importlib.import_module(module), name)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ------------------------------------------------------------------------------------------ timing
 
 
@@ -173,6 +172,15 @@ def time_call(fn: Callable[[], object], device: torch.device | str, grad_to_none
 
 
 # ----------------------------------------------------------------------------------- peak memory
+#
+# CUDA: the caching allocator's statistics (exact). CPU: two views of one call, since neither is
+# enough alone:
+#  * tensor bytes, exact: the profiler's allocation events (every CPU tensor allocation and free,
+#    in order) summed to their running peak. The ratios and targets use these.
+#  * the resident set, VmHWM − RSS before the call (VmHWM reset through /proc/self/clear_refs):
+#    it also sees what PyTorch does not allocate (BLAS packing buffers, the C heap), but the kernel
+#    counts RSS in per-thread batches and can miss a short-lived peak of a few hundred KiB, so it
+#    resolves MiBs, not the 1/16-weight blocks of a 1024-wide projection. A cross-check.
 
 
 def _proc_status_kib(*keys: str) -> dict[str, int]:
@@ -231,27 +239,40 @@ def hwm_reset_works() -> bool:
     return _HWM_RESET_WORKS
 
 
-def call_peak_bytes(fn: Callable[[], object], device: torch.device | str,
-                    grad_to_none: Sequence[torch.Tensor] = (), tries: int = 1) -> int:
-    """Bytes allocated at the peak of one ``fn()`` above what was allocated just before it.
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (the profiler's C++ start/stop log lines)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
-    One warm-up call runs first so that one-time allocations (thread pools, GEMM workspaces,
-    kernel compilation) are not counted. CPU needs :func:`hwm_reset_works`; there the process
-    RSS also moves with the C heap (a few hundred KiB from call to call), so the least of
-    ``tries`` calls is returned. CUDA's allocator statistics are exact: one call is enough.
-    """
-    device = torch.device(device)
-    zero_grads(grad_to_none)
-    fn()
-    if device.type == "cuda":
-        zero_grads(grad_to_none)
-        gc.collect()
-        torch.cuda.synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
+
+def tensor_call_peak_bytes(fn: Callable[[], object]) -> int:
+    """CPU: the exact peak of tensor bytes allocated by ``fn()`` above those alive before it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
+    cpu = torch.autograd.DeviceType.CPU
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == cpu)
+    now = peak = 0
+    for _, nbytes in events:
+        now += nbytes
+        peak = max(peak, now)
+    return peak
+
+
+def rss_call_peak_bytes(fn: Callable[[], object], grad_to_none: Sequence[torch.Tensor] = (),
+                        tries: int = 1) -> int:
+    """CPU: VmHWM − RSS over one ``fn()``, the least of ``tries`` calls (the C heap wobbles by a
+    few hundred KiB from call to call). Needs :func:`hwm_reset_works`."""
     if not hwm_reset_works():
         raise RuntimeError("VmHWM cannot be reset here; use peak_memory_subprocess")
     peaks = []
@@ -264,6 +285,31 @@ def call_peak_bytes(fn: Callable[[], object], device: torch.device | str,
         fn()
         peaks.append(max(0, _proc_status_kib("VmHWM")["VmHWM"] - before) << 10)
     return min(peaks)
+
+
+def call_peak_bytes(fn: Callable[[], object], device: torch.device | str,
+                    grad_to_none: Sequence[torch.Tensor] = (), tries: int = 1) -> int:
+    """Bytes allocated at the peak of one ``fn()`` above what was allocated just before it: CUDA's
+    allocator statistics, or on CPU the exact tensor bytes (:func:`tensor_call_peak_bytes`).
+
+    One warm-up call runs first so that one-time allocations (thread pools, GEMM workspaces,
+    kernel compilation) are not counted. ``tries`` is accepted for callers of the first version
+    (which read VmHWM here) and has no effect: both counts are exact. For the resident-set view
+    use :func:`rss_call_peak_bytes`.
+    """
+    device = torch.device(device)
+    zero_grads(grad_to_none)
+    fn()
+    zero_grads(grad_to_none)
+    gc.collect()
+    if device.type != "cuda":
+        return tensor_call_peak_bytes(fn)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
 
 
 _CHILD = """
@@ -291,12 +337,12 @@ def _child_peak(target: str, case: dict, provider: str, device: str, dtype: str,
     before = _proc_status_kib("VmRSS")["VmRSS"]
     fn()
     call = max(0, _proc_status_kib("VmHWM")["VmHWM"] - before) << 10
-    return {"call_peak_bytes": call, "state_bytes": prep.state_bytes(), "weight_bytes": prep.weight_bytes}
+    return {"rss_call_peak_bytes": call, "state_bytes": prep.state_bytes(), "weight_bytes": prep.weight_bytes}
 
 
 def peak_memory_subprocess(target: str, case: dict, provider: str, device: str, dtype: str, mode: str,
                            options: dict | None = None, timeout_s: float = 600) -> dict:
-    """The fallback when VmHWM cannot be reset: measure one call in a fresh Python process."""
+    """The RSS view when VmHWM cannot be reset in this process: one call in a fresh Python."""
     spec = dict(target=target, case=case, provider=provider, device=device, dtype=dtype, mode=mode,
                 options=options or {})
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
@@ -365,8 +411,8 @@ def add_ratios(rows: list[dict], baseline: str, keys: Sequence[str] = GROUP_KEYS
     """Annotate each row in place with its ratio to the baseline provider's row of its group.
 
     ``time_vs_baseline`` = median / baseline median; ``mem_vs_baseline`` = peak / baseline peak;
-    ``extra_weight_copies`` = (peak − baseline peak) / weight_bytes. None where either side lacks
-    the number.
+    ``extra_weight_copies`` = (peak − baseline peak) / weight_bytes (and ``rss_extra_weight_copies``
+    from the resident-set view where rows have it). None where either side lacks the number.
     """
     base = {tuple(r.get(k) for k in keys): r for r in rows if r["provider"] == baseline}
     for r in rows:
@@ -374,8 +420,12 @@ def add_ratios(rows: list[dict], baseline: str, keys: Sequence[str] = GROUP_KEYS
         r["baseline"] = baseline
         r["time_vs_baseline"] = _ratio(r.get("ms_median"), b.get("ms_median"))
         r["mem_vs_baseline"] = _ratio(r.get("peak_bytes"), b.get("peak_bytes"))
-        pk, bpk, wb = r.get("peak_bytes"), b.get("peak_bytes"), r.get("weight_bytes")
-        r["extra_weight_copies"] = (pk - bpk) / wb if None not in (pk, bpk, wb) and wb else None
+        for key, out in (("peak_bytes", "extra_weight_copies"), ("rss_peak_bytes", "rss_extra_weight_copies")):
+            pk, bpk, wb = r.get(key), b.get(key), r.get("weight_bytes")
+            if None not in (pk, bpk, wb) and wb:
+                r[out] = (pk - bpk) / wb
+            elif key == "peak_bytes":
+                r[out] = None
     return rows
 
 
@@ -431,9 +481,12 @@ def load_results(path: str | os.PathLike) -> dict:
 
 def run_matrix(suite: str, target: str, cases: Sequence[dict], providers: Sequence[str], modes: Sequence[str],
                device: str, dtype: torch.dtype, baseline: str, *, options: dict | None = None,
-               budget_s: float = 1.0, min_reps: int = 3, memory: bool = True, memory_tries: int = 3,
+               budget_s: float = 1.0, min_reps: int = 3, memory: bool = True, rss_tries: int = 3,
                results: ResultsFile | None = None, progress: bool = True) -> list[dict]:
     """Every provider × mode of every case, side by side; one row each, ratios filled in.
+
+    ``memory``: measure peak memory in the modes of MEMORY_MODES; on CPU also the resident-set
+    view, the least of ``rss_tries`` calls (0: skip it).
 
     A provider that fails (missing backend, out of memory) gives a row with ``error`` set instead
     of stopping the run. Rows are written to ``results`` after each case.
@@ -455,7 +508,7 @@ def run_matrix(suite: str, target: str, cases: Sequence[dict], providers: Sequen
                 measured: dict = {}
                 try:
                     measured = _measure(setup, target, case, provider, mode, dev, dtype_name, options,
-                                        budget_s, min_reps, memory_tries if memory else 0)
+                                        budget_s, min_reps, rss_tries if memory else None)
                 except Exception as e:  # one failing provider must not lose the whole run
                     measured = {"error": f"{type(e).__name__}: {e}"[:500]}
                 if "error" in measured and dev.type == "cuda":
@@ -470,24 +523,29 @@ def run_matrix(suite: str, target: str, cases: Sequence[dict], providers: Sequen
     return rows
 
 
-def _measure(setup, target, case, provider, mode, dev, dtype_name, options, budget_s, min_reps, tries) -> dict:
+def _measure(setup, target, case, provider, mode, dev, dtype_name, options, budget_s, min_reps, rss_tries) -> dict:
     prep = setup(case, provider, str(dev), dtype_name, **options)
     out = {**prep.info, "weight_bytes": prep.weight_bytes, "state_bytes": prep.state_bytes()}
     fn = mode_callable(prep, mode)
     out.update(time_call(fn, dev, prep.params, budget_s=budget_s, min_reps=min_reps))
     out.update(call_peak_bytes=None, peak_bytes=None, memory_method=None)
-    if tries and mode in MEMORY_MODES:
-        if dev.type == "cuda" or hwm_reset_works():
-            fn = mode_callable(prep, mode)  # a fresh graph for backward-holding modes
-            out["call_peak_bytes"] = call_peak_bytes(fn, dev, prep.params, tries)
-            out["memory_method"] = "max_memory_allocated" if dev.type == "cuda" else "VmHWM"
+    if rss_tries is None or mode not in MEMORY_MODES:
+        return out
+    fn = mode_callable(prep, mode)  # a fresh graph for backward-holding modes
+    out["call_peak_bytes"] = call_peak_bytes(fn, dev, prep.params)
+    out["peak_bytes"] = out["state_bytes"] + out["call_peak_bytes"]
+    out["memory_method"] = "cuda-allocator" if dev.type == "cuda" else "cpu-tensors"
+    if dev.type == "cpu" and rss_tries:
+        if hwm_reset_works():
+            # the C heap's call-to-call wobble only matters next to small weights
+            tries = rss_tries if prep.weight_bytes < 64 * MIB else 1
+            out["rss_call_peak_bytes"] = rss_call_peak_bytes(fn, prep.params, tries)
         else:
             del prep, fn
             gc.collect()
             sub = peak_memory_subprocess(target, case, provider, str(dev), dtype_name, mode, options)
-            out["call_peak_bytes"] = sub["call_peak_bytes"]
-            out["memory_method"] = "VmHWM-subprocess"
-        out["peak_bytes"] = out["state_bytes"] + out["call_peak_bytes"]
+            out["rss_call_peak_bytes"] = sub["rss_call_peak_bytes"]
+        out["rss_peak_bytes"] = out["state_bytes"] + out["rss_call_peak_bytes"]
     return out
 
 
@@ -553,14 +611,20 @@ def format_targets(results: Sequence[dict]) -> str:
 COLUMNS: list[tuple[str, Callable[[dict], str]]] = [
     ("group", lambda r: r["group"]),
     ("mode", lambda r: r["mode"]),
-    ("provider", lambda r: r["provider"] + (f" ({r['backend']})" if r.get("backend") else "")),
+    ("provider", lambda r: r["provider"] + _backend_note(r)),
     ("median ms", lambda r: _f(r.get("ms_median"), "{:.3f}")),
     ("p20-p80 ms", lambda r: "" if r.get("ms_p20") is None else f"{r['ms_p20']:.3f}-{r['ms_p80']:.3f}"),
     ("x base", lambda r: _f(r.get("time_vs_baseline"), "{:.2f}")),
     ("peak MiB", lambda r: _f(None if r.get("peak_bytes") is None else r["peak_bytes"] / MIB, "{:.1f}")),
     ("+W copies", lambda r: _f(r.get("extra_weight_copies"), "{:+.2f}")),
+    ("+W (RSS)", lambda r: _f(r.get("rss_extra_weight_copies"), "{:+.2f}")),
     ("error", lambda r: r.get("error", "")),
 ]
+
+
+def _backend_note(r: dict) -> str:
+    note = "/".join(str(r[k]) for k in ("backend", "design") if r.get(k))
+    return f" ({note})" if note else ""
 
 
 def _f(v, fmt: str) -> str:

@@ -16,6 +16,8 @@ one setup per op; ``benchmarks/test_bench_masked_delta.py`` reuses them.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,6 +27,9 @@ from . import common
 
 SUITE = "training"
 PROVIDERS = ("dense", "parametrize", "lcdd")
+#: Opt-in (``--providers``): lcdd on the Triton backend with one design forced, to find the
+#: token count where ``split`` overtakes ``fused`` (FUSED_MAX_TOKENS in ops/masked_delta_triton.py).
+DESIGN_PROVIDERS = ("lcdd-fused", "lcdd-split")
 BASELINE = "dense"
 OPS = ("linear", "swiglu")
 #: This module's setup entry point, by name (a memory measurement may rerun it in a subprocess).
@@ -33,7 +38,7 @@ PREPARE = "lcdd_kernels.bench.training:prepare"
 #: (device type, quick) -> (models, token counts). GPU targets are stated at T = 8192.
 PLANS = {
     ("cpu", True): (("qwen3-0.6b",), (256,)),
-    ("cpu", False): (("qwen3-0.6b", "llama-3-8b"), (512,)),
+    ("cpu", False): (("qwen3-0.6b", "llama-3-8b"), (256,)),
     ("cuda", True): (("qwen3-0.6b", "llama-3-8b"), (8192,)),
     ("cuda", False): (("qwen3-0.6b", "llama-3-8b"), (8192, 2048)),
 }
@@ -103,8 +108,8 @@ def _weights(n: int, k: int, device: str, dtype: torch.dtype, g: torch.Generator
 
 
 def _common(case: dict, provider: str, device: str, dtype: str, seed: int, n_weights: int, mask_mean: float):
-    if provider not in PROVIDERS:
-        raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+    if provider not in PROVIDERS + DESIGN_PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS + DESIGN_PROVIDERS)}")
     dt = common.DTYPES[dtype]
     g = _generator(device, seed)
     x = torch.randn(case["T"], case["K"], generator=g, device=device, dtype=dt).requires_grad_()
@@ -119,10 +124,36 @@ def _common(case: dict, provider: str, device: str, dtype: str, seed: int, n_wei
     return x, pairs, masks, wbytes
 
 
-def _lcdd_info(op: str, device: str, backend: str | None) -> dict:
+def _lcdd_call(provider: str, op: str, call, device: str, backend: str | None, tokens: int):
+    """(forward, info) for the lcdd providers: the backend that runs and, on Triton, the design.
+
+    ``lcdd-fused`` / ``lcdd-split`` force the Triton backend and, through LCDD_TRITON_DESIGN around
+    the forward (the Function keeps its design for backward), one design."""
     from ..ops import masked_delta
 
-    return {"backend": masked_delta._pick(op, torch.device(device), backend)}
+    design = provider.partition("-")[2] or None
+    backend = "triton" if design else backend
+    info = {"backend": masked_delta._pick(op, torch.device(device), backend)}
+    if info["backend"] == "triton":
+        from ..ops import masked_delta_triton
+
+        info["design"] = design or masked_delta_triton.choose_design(tokens)
+        info["triton_autotune"] = os.environ.get("LCDD_TRITON_AUTOTUNE", "1") != "0"
+    if design is None:
+        return (lambda: call(backend)), info
+
+    def forward():
+        old = os.environ.get("LCDD_TRITON_DESIGN")
+        os.environ["LCDD_TRITON_DESIGN"] = design
+        try:
+            return call(backend)
+        finally:
+            if old is None:
+                del os.environ["LCDD_TRITON_DESIGN"]
+            else:
+                os.environ["LCDD_TRITON_DESIGN"] = old
+
+    return forward, info
 
 
 def setup_linear(case: dict, provider: str, device: str, dtype: str, backend: str | None = None,
@@ -144,9 +175,10 @@ def setup_linear(case: dict, provider: str, device: str, dtype: str, backend: st
     from ..ops.masked_delta import masked_delta_linear
 
     w = nn.Parameter(w)
-    return common.Prepared(lambda: masked_delta_linear(x, w, b, rows(), cols(), backend=backend),
-                           [x, w, rows.theta, cols.theta], state, wbytes,
-                           _lcdd_info("masked_delta_linear", device, backend))
+    forward, info = _lcdd_call(provider, "masked_delta_linear",
+                               lambda be: masked_delta_linear(x, w, b, rows(), cols(), backend=be),
+                               device, backend, case["T"])
+    return common.Prepared(forward, [x, w, rows.theta, cols.theta], state, wbytes, info)
 
 
 def setup_swiglu(case: dict, provider: str, device: str, dtype: str, backend: str | None = None,
@@ -167,9 +199,10 @@ def setup_swiglu(case: dict, provider: str, device: str, dtype: str, backend: st
     from ..ops.masked_delta import masked_delta_swiglu
 
     wg, wu = nn.Parameter(wg), nn.Parameter(wu)
-    return common.Prepared(
-        lambda: masked_delta_swiglu(x, wg, bg, wu, bu, hidden(), read(), backend=backend),
-        [x, wg, wu, hidden.theta, read.theta], state, wbytes, _lcdd_info("masked_delta_swiglu", device, backend))
+    forward, info = _lcdd_call(provider, "masked_delta_swiglu",
+                               lambda be: masked_delta_swiglu(x, wg, bg, wu, bu, hidden(), read(), backend=be),
+                               device, backend, case["T"])
+    return common.Prepared(forward, [x, wg, wu, hidden.theta, read.theta], state, wbytes, info)
 
 
 SETUP = {"linear": setup_linear, "swiglu": setup_swiglu}
@@ -241,14 +274,16 @@ def add_arguments(p) -> None:
                    help=f"comma list from {', '.join(common.MODEL_DIMS)} (default: by device and --quick)")
     p.add_argument("--T", type=_csv(int), default=None, dest="tokens", help="comma list of token counts")
     p.add_argument("--ops", type=_csv(str), default=OPS, help="linear,swiglu")
-    p.add_argument("--providers", type=_csv(str), default=PROVIDERS, help=",".join(PROVIDERS))
+    p.add_argument("--providers", type=_csv(str), default=PROVIDERS,
+                   help=f"from {','.join(PROVIDERS + DESIGN_PROVIDERS)} (default {','.join(PROVIDERS)})")
     p.add_argument("--modes", type=_csv(str), default=common.MODES, help=",".join(common.MODES))
     p.add_argument("--lcdd-backend", default=None, help="force the lcdd provider's backend (default: auto)")
 
 
 def run(args) -> int:
     device, dtype = common.resolve_device_dtype(args)
-    for name, given, known in (("--providers", args.providers, PROVIDERS), ("--modes", args.modes, common.MODES),
+    for name, given, known in (("--providers", args.providers, PROVIDERS + DESIGN_PROVIDERS),
+                               ("--modes", args.modes, common.MODES),
                                ("--ops", args.ops, OPS), ("--models", args.models or (), common.MODEL_DIMS)):
         bad = [v for v in given if v not in known]
         if bad:
