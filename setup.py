@@ -4,6 +4,7 @@ Environment switches:
   LCDD_SKIP_NATIVE=1      do not build lcdd_kernels._C at all (pure Python: Triton and PyTorch paths)
   LCDD_SKIP_CUDA_BUILD=1  build the C++ CPU kernels only, even when nvcc is present
   LCDD_CUDA_ARCHS=90      CUDA architectures (CMake list, e.g. "80;90")
+  LCDD_NATIVE_ARCH=0      compile the C++ kernels for any x86-64 CPU (default: -march=native)
   LCDD_BUILD_JOBS=N       parallel compile jobs (default: all cores)
   LCDD_BUILD_DIR=path     where CMake builds (default build/cmake); ctest runs there
 """
@@ -53,6 +54,7 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DLCDD_BUILD_CUDA={cuda}",
             f"-DLCDD_CUDA_ARCHS={os.environ.get('LCDD_CUDA_ARCHS', '90')}",
+            f"-DLCDD_NATIVE_ARCH={'OFF' if os.environ.get('LCDD_NATIVE_ARCH') == '0' else 'ON'}",
             "-DCMAKE_BUILD_TYPE=Release",
         ]
         if shutil.which("ninja"):

@@ -1,13 +1,14 @@
 // Sparse carriers on the CPU (SPEC §4): the fused base-plus-carriers projection and the carrier
-// part alone, for one carrier per token (OpenMP over output-row blocks or over work items).
-// Accumulation is in fp32 (fp64 for float64) with one rounding per output element.
+// part alone, one carrier per token. Both are built on one register-blocked micro-kernel: 4 weight
+// (or delta) rows times 16 tokens whose inputs are stored token-innermost, so the innermost loop runs
+// over tokens and vectorises without reassociating any sum. OpenMP over (token chunk, row block)
+// tasks. Accumulation is in fp32 (fp64 for float64) with one rounding per output element.
 #include <algorithm>
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
 #include "internal.h"
-
-#include <cstddef>
 
 // Python builds int64 (n, 6) tables that the kernels read as lcdd_carrier_view.
 static_assert(sizeof(lcdd_carrier_view) == 48 && offsetof(lcdd_carrier_view, row_slots) == 24 &&
@@ -22,6 +23,61 @@ using lcdd::to_float;
 template <typename T>
 using Acc = typename lcdd::acc<T>::type;
 
+constexpr int kTok = 16;           // tokens per micro-kernel (the vectorised dimension)
+constexpr int kRows = 4;           // weight rows per micro-kernel
+constexpr int64_t kRowBlock = 16;  // output rows per task of the fused kernel
+constexpr int64_t kAddRows = 64;   // carrier rows per task of the add kernel
+
+// out[r][k] = Σ_i w[r][i]·xg[i·kTok + k] for r < nr (<= kRows).
+template <typename T>
+inline void micro(const T* const* w, int nr, int64_t n, const Acc<T>* xg, Acc<T> (*out)[kTok]) {
+  Acc<T> a[kRows][kTok] = {};
+  if (nr == kRows) {
+    for (int64_t i = 0; i < n; ++i) {
+      const Acc<T> w0 = to_float(w[0][i]), w1 = to_float(w[1][i]), w2 = to_float(w[2][i]), w3 = to_float(w[3][i]);
+      const Acc<T>* xv = xg + i * kTok;
+#pragma omp simd
+      for (int k = 0; k < kTok; ++k) {
+        a[0][k] += w0 * xv[k];
+        a[1][k] += w1 * xv[k];
+        a[2][k] += w2 * xv[k];
+        a[3][k] += w3 * xv[k];
+      }
+    }
+  } else {
+    for (int r = 0; r < nr; ++r) {
+      for (int64_t i = 0; i < n; ++i) {
+        const Acc<T> wr = to_float(w[r][i]);
+        const Acc<T>* xv = xg + i * kTok;
+#pragma omp simd
+        for (int k = 0; k < kTok; ++k) a[r][k] += wr * xv[k];
+      }
+    }
+  }
+  for (int r = 0; r < nr; ++r)
+    for (int k = 0; k < kTok; ++k) out[r][k] = a[r][k];
+}
+
+// xg[i·kTok + k] = x[tok[k], cols[i]] (cols == nullptr: column i) for k < nt and tok[k] >= 0, else 0.
+template <typename T>
+inline void gather_tokens(const T* x, int64_t xs, const int64_t* tok, int nt, const int32_t* cols, int64_t n,
+                          Acc<T>* xg) {
+  for (int k = 0; k < kTok; ++k) {
+    if (k >= nt || tok[k] < 0) {
+      for (int64_t i = 0; i < n; ++i) xg[i * kTok + k] = 0;
+      continue;
+    }
+    const T* xr = x + tok[k] * xs;
+    if (cols) {
+      for (int64_t i = 0; i < n; ++i) xg[i * kTok + k] = to_float(xr[cols[i]]);
+    } else {
+      for (int64_t i = 0; i < n; ++i) xg[i * kTok + k] = to_float(xr[i]);
+    }
+  }
+}
+
+// Σ_i a[i]·b[i] and Σ_i d[i]·xg[i]: the few-token path (one or two tokens would leave most of the
+// micro-kernel's token lanes empty); the simd reduction vectorises over i.
 template <typename T>
 inline Acc<T> dot(const T* a, const T* b, int64_t n) {
   Acc<T> s = 0;
@@ -30,13 +86,41 @@ inline Acc<T> dot(const T* a, const T* b, int64_t n) {
   return s;
 }
 
-// delta row · x[cols], with x already gathered and converted.
 template <typename T>
-inline Acc<T> dot_gathered(const T* d, const Acc<T>* xg, int64_t n) {
+inline Acc<T> dot_acc(const T* d, const Acc<T>* xg, int64_t n) {
   Acc<T> s = 0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += static_cast<Acc<T>>(to_float(d[i])) * xg[i];
   return s;
+}
+
+// Token counts up to this use the dot path.
+constexpr int kFewTokens = 2;
+
+// out[r][k] = Σ_i w[r][i]·x[tok[k], cols[i]] for r < nr, k < nt (tok[k] < 0: 0). xg: scratch of
+// n·kTok. Picks the micro-kernel or, for few tokens, per-token dots.
+template <typename T>
+inline void rows_times_tokens(const T* const* w, int nr, const T* x, int64_t xs, const int64_t* tok, int nt,
+                              const int32_t* cols, int64_t n, Acc<T>* xg, Acc<T> (*out)[kTok]) {
+  if (nt > kFewTokens) {
+    gather_tokens(x, xs, tok, nt, cols, n, xg);
+    micro(w, nr, n, xg, out);
+    return;
+  }
+  for (int k = 0; k < nt; ++k) {
+    if (tok[k] < 0) {
+      for (int r = 0; r < nr; ++r) out[r][k] = 0;
+      continue;
+    }
+    const T* xr = x + tok[k] * xs;
+    if (!cols) {
+      for (int r = 0; r < nr; ++r) out[r][k] = dot(w[r], xr, n);
+      continue;
+    }
+    Acc<T>* g = xg + k * n;
+    for (int64_t i = 0; i < n; ++i) g[i] = to_float(xr[cols[i]]);
+    for (int r = 0; r < nr; ++r) out[r][k] = dot_acc(w[r], g, n);
+  }
 }
 
 // Which tokens use which carrier; `used` lists carriers with tokens and a non-empty delta.
@@ -85,83 +169,129 @@ lcdd_status validate(const void* x, int64_t x_stride, const void* y, int64_t tok
   return LCDD_OK;
 }
 
-constexpr int64_t kRowBlock = 16;  // output rows per task in the fused kernel
-
+// The fused projection. Tasks are (chunk of kTok tokens, block of kRowBlock output rows): the base
+// rows of the block, then, per carrier used by a token of the chunk, its rows inside the block with
+// x gathered at its columns (tokens of other carriers masked to zero).
 template <typename T>
 void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t tokens, int64_t n_out,
             int64_t n_in, const lcdd_carrier_view* cv, const Routing& rt) {
-  const int64_t blocks = (n_out + kRowBlock - 1) / kRowBlock;
-  const bool par = blocks > 1 && tokens * n_out * n_in > lcdd::kMinParallelWork;
+  const int64_t chunks = (tokens + kTok - 1) / kTok, blocks = (n_out + kRowBlock - 1) / kRowBlock;
+  std::vector<int32_t> carrier_of(static_cast<size_t>(tokens), -1);
+  int64_t max_cols = 0;
+  for (int64_t c : rt.used) {
+    for (int64_t t : rt.tokens[c]) carrier_of[t] = static_cast<int32_t>(c);
+    max_cols = std::max(max_cols, cv[c].n_cols);
+  }
+  const int64_t tasks = chunks * blocks;
+  const bool par = tasks > 1 && tokens * n_out * n_in > lcdd::kMinParallelWork;
 #pragma omp parallel num_threads(lcdd::threads()) if (par)
   {
-    std::vector<Acc<T>> acc(static_cast<size_t>(kRowBlock * tokens));
+    // scratch: x of a chunk, token-innermost (base rows: every column; carriers: their columns)
+    std::vector<Acc<T>> xb(static_cast<size_t>(n_in * kTok)), xg(static_cast<size_t>(max_cols * kTok));
+    int64_t xb_chunk = -1;
+    Acc<T> acc[kRowBlock][kTok];
+    Acc<T> part[kRows][kTok];
 #pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < blocks; ++blk) {
-      const int64_t n0 = blk * kRowBlock, n1 = std::min(n_out, n0 + kRowBlock);
-      for (int64_t n = n0; n < n1; ++n) {
-        const Acc<T> b = bias ? static_cast<Acc<T>>(to_float(bias[n])) : Acc<T>(0);
-        for (int64_t t = 0; t < tokens; ++t) acc[(n - n0) * tokens + t] = dot(x + t * xs, base + n * n_in, n_in) + b;
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t ch = task / blocks, n0 = (task % blocks) * kRowBlock, n1 = std::min(n_out, n0 + kRowBlock);
+      const int64_t t0 = ch * kTok;
+      const int nt = static_cast<int>(std::min<int64_t>(kTok, tokens - t0));
+      int64_t all[kTok];
+      for (int k = 0; k < kTok; ++k) all[k] = k < nt ? t0 + k : -1;
+      if (nt > kFewTokens && xb_chunk != ch) {  // a static schedule walks a chunk's blocks in a row
+        gather_tokens(x, xs, all, nt, nullptr, n_in, xb.data());
+        xb_chunk = ch;
       }
-      // Carrier rows inside [n0, n1): one binary search per block and carrier, then a walk.
-      for (int64_t c : rt.used) {
-        const lcdd_carrier_view& v = cv[c];
-        const T* delta = static_cast<const T*>(v.delta);
-        int64_t j = std::lower_bound(v.rows, v.rows + v.n_rows, static_cast<int32_t>(n0)) - v.rows;
-        for (; j < v.n_rows && v.rows[j] < n1; ++j) {
-          const T* d = delta + j * v.n_cols;
-          for (int64_t t : rt.tokens[c]) {
-            const T* xr = x + t * xs;
-            Acc<T> s = 0;
-            for (int64_t i = 0; i < v.n_cols; ++i)
-              s += static_cast<Acc<T>>(to_float(d[i])) * static_cast<Acc<T>>(to_float(xr[v.cols[i]]));
-            acc[(v.rows[j] - n0) * tokens + t] += s;
-          }
+      for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
+        const int nr = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
+        const T* w[kRows];
+        for (int r = 0; r < nr; ++r) w[r] = base + (r0 + r) * n_in;
+        if (nt > kFewTokens) {
+          micro(w, nr, n_in, xb.data(), acc + (r0 - n0));
+        } else {
+          rows_times_tokens(w, nr, x, xs, all, nt, nullptr, n_in, xb.data(), acc + (r0 - n0));
         }
       }
-      for (int64_t t = 0; t < tokens; ++t)
-        for (int64_t n = n0; n < n1; ++n) y[t * n_out + n] = from_acc<T>(acc[(n - n0) * tokens + t]);
+      for (int64_t n = n0; n < n1; ++n) {
+        const Acc<T> b = bias ? static_cast<Acc<T>>(to_float(bias[n])) : Acc<T>(0);
+        for (int k = 0; k < kTok; ++k) acc[n - n0][k] += b;
+      }
+      for (int64_t c : rt.used) {
+        int64_t tok[kTok];
+        bool any = false;
+        for (int k = 0; k < kTok; ++k) {
+          tok[k] = (k < nt && carrier_of[t0 + k] == c) ? t0 + k : -1;
+          any |= tok[k] >= 0;
+        }
+        if (!any) continue;
+        const lcdd_carrier_view& v = cv[c];
+        const int64_t j0 = std::lower_bound(v.rows, v.rows + v.n_rows, static_cast<int32_t>(n0)) - v.rows;
+        const int64_t j1 = std::lower_bound(v.rows + j0, v.rows + v.n_rows, static_cast<int32_t>(n1)) - v.rows;
+        if (j0 == j1) continue;
+        if (nt > kFewTokens) gather_tokens(x, xs, tok, kTok, v.cols, v.n_cols, xg.data());
+        const T* delta = static_cast<const T*>(v.delta);
+        for (int64_t j = j0; j < j1; j += kRows) {
+          const int nr = static_cast<int>(std::min<int64_t>(kRows, j1 - j));
+          const T* w[kRows];
+          for (int r = 0; r < nr; ++r) w[r] = delta + (j + r) * v.n_cols;
+          if (nt > kFewTokens) {
+            micro(w, nr, v.n_cols, xg.data(), part);
+          } else {
+            rows_times_tokens(w, nr, x, xs, tok, nt, v.cols, v.n_cols, xg.data(), part);
+          }
+          for (int r = 0; r < nr; ++r)
+            for (int k = 0; k < kTok; ++k) acc[v.rows[j + r] - n0][k] += part[r][k];
+        }
+      }
+      for (int k = 0; k < nt; ++k)
+        for (int64_t n = n0; n < n1; ++n) y[(t0 + k) * n_out + n] = from_acc<T>(acc[n - n0][k]);
     }
   }
 }
 
-constexpr int64_t kAddTokens = 8;  // tokens sharing each delta row read in the add kernel
-constexpr int64_t kAddRows = 64;   // carrier rows per work item
-
+// The carrier part alone. Tasks are (carrier, chunk of its tokens, block of its rows): x gathered at
+// the carrier's columns once per task, then the delta rows through the micro-kernel, added into y.
 template <typename T>
 void add(const T* x, int64_t xs, T* y, int64_t n_out, const lcdd_carrier_view* cv, const Routing& rt) {
-  struct Item { int64_t c, tok, row; };
-  std::vector<Item> items;
-  int64_t max_cols = 0;
+  struct Task { int64_t c, tok, row; };
+  std::vector<Task> tasks;
+  int64_t max_cols = 0, work = 0;
   for (int64_t c : rt.used) {
     max_cols = std::max(max_cols, cv[c].n_cols);
     const int64_t nt = static_cast<int64_t>(rt.tokens[c].size());
-    for (int64_t tok = 0; tok < nt; tok += kAddTokens)
-      for (int64_t row = 0; row < cv[c].n_rows; row += kAddRows) items.push_back({c, tok, row});
+    work += nt * cv[c].n_rows * cv[c].n_cols;
+    for (int64_t tok = 0; tok < nt; tok += kTok)
+      for (int64_t row = 0; row < cv[c].n_rows; row += kAddRows) tasks.push_back({c, tok, row});
   }
-  const int64_t n_items = static_cast<int64_t>(items.size());
-  int64_t work = 0;
-  for (int64_t c : rt.used) work += static_cast<int64_t>(rt.tokens[c].size()) * cv[c].n_rows * cv[c].n_cols;
-  const bool par = n_items > 1 && work > lcdd::kMinParallelWork;
+  const int64_t n_tasks = static_cast<int64_t>(tasks.size());
+  const bool par = n_tasks > 1 && work > lcdd::kMinParallelWork;
 #pragma omp parallel num_threads(lcdd::threads()) if (par)
   {
-    std::vector<Acc<T>> xg(static_cast<size_t>(kAddTokens * max_cols));
+    std::vector<Acc<T>> xg(static_cast<size_t>(max_cols * kTok));
+    Acc<T> part[kRows][kTok];
 #pragma omp for schedule(dynamic)
-    for (int64_t it = 0; it < n_items; ++it) {
-      const Item& item = items[it];
-      const lcdd_carrier_view& v = cv[item.c];
-      const std::vector<int64_t>& toks = rt.tokens[item.c];
-      const int64_t nt = std::min<int64_t>(kAddTokens, static_cast<int64_t>(toks.size()) - item.tok);
-      for (int64_t k = 0; k < nt; ++k) {  // gather x[t, cols] once for all the rows of the item
-        const T* xr = x + toks[item.tok + k] * xs;
-        for (int64_t i = 0; i < v.n_cols; ++i) xg[k * v.n_cols + i] = to_float(xr[v.cols[i]]);
-      }
+    for (int64_t it = 0; it < n_tasks; ++it) {
+      const Task& task = tasks[it];
+      const lcdd_carrier_view& v = cv[task.c];
+      const int64_t* tok = rt.tokens[task.c].data() + task.tok;
+      const int nt = static_cast<int>(std::min<int64_t>(kTok, static_cast<int64_t>(rt.tokens[task.c].size()) - task.tok));
+      if (nt > kFewTokens) gather_tokens(x, xs, tok, nt, v.cols, v.n_cols, xg.data());
       const T* delta = static_cast<const T*>(v.delta);
-      const int64_t j1 = std::min(v.n_rows, item.row + kAddRows);
-      for (int64_t j = item.row; j < j1; ++j) {
-        const T* d = delta + j * v.n_cols;
-        for (int64_t k = 0; k < nt; ++k) {
-          T* out = y + toks[item.tok + k] * n_out + v.rows[j];
-          *out = from_acc<T>(static_cast<Acc<T>>(to_float(*out)) + dot_gathered(d, xg.data() + k * v.n_cols, v.n_cols));
+      const int64_t j1 = std::min(v.n_rows, task.row + kAddRows);
+      for (int64_t j = task.row; j < j1; j += kRows) {
+        const int nr = static_cast<int>(std::min<int64_t>(kRows, j1 - j));
+        const T* w[kRows];
+        for (int r = 0; r < nr; ++r) w[r] = delta + (j + r) * v.n_cols;
+        if (nt > kFewTokens) {
+          micro(w, nr, v.n_cols, xg.data(), part);
+        } else {
+          rows_times_tokens(w, nr, x, xs, tok, nt, v.cols, v.n_cols, xg.data(), part);
+        }
+        for (int r = 0; r < nr; ++r) {
+          for (int k = 0; k < nt; ++k) {
+            T* out = y + tok[k] * n_out + v.rows[j + r];
+            *out = from_acc<T>(static_cast<Acc<T>>(to_float(*out)) + part[r][k]);
+          }
         }
       }
     }

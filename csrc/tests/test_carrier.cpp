@@ -167,7 +167,7 @@ void bad_inputs() {
 }  // namespace
 
 int main() {
-  const int64_t shapes[][3] = {{1, 37, 29}, {5, 16, 16}, {16, 50, 70}, {40, 33, 130}, {0, 5, 5}, {3, 7, 0}};
+  const int64_t shapes[][3] = {{1, 37, 29}, {2, 9, 40}, {5, 16, 16}, {16, 50, 70}, {40, 33, 130}, {0, 5, 5}, {3, 7, 0}};
   for (const auto& s : shapes) {
     for (bool with_ids : {true, false}) {
       const double k = static_cast<double>(s[2]) + 1;
