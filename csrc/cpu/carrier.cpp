@@ -76,7 +76,7 @@ inline void gather_tokens(const T* x, int64_t xs, const int64_t* tok, int nt, co
   }
 }
 
-// Σ_i a[i]·b[i] and Σ_i d[i]·xg[i]: the few-token path (one or two tokens would leave most of the
+// Σ_i a[i]·b[i] and Σ_i d[i]·xg[i]: the few-token path (up to four tokens would leave most of the
 // micro-kernel's token lanes empty); the simd reduction vectorises over i.
 template <typename T>
 inline Acc<T> dot(const T* a, const T* b, int64_t n) {
@@ -95,7 +95,7 @@ inline Acc<T> dot_acc(const T* d, const Acc<T>* xg, int64_t n) {
 }
 
 // Token counts up to this use the dot path.
-constexpr int kFewTokens = 2;
+constexpr int kFewTokens = 4;
 
 // out[r][k] = Σ_i w[r][i]·x[tok[k], cols[i]] for r < nr, k < nt (tok[k] < 0: 0). xg: scratch of
 // n·kTok. Picks the micro-kernel or, for few tokens, per-token dots.
