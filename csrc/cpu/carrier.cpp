@@ -97,29 +97,35 @@ inline Acc<T> dot_acc(const T* d, const Acc<T>* xg, int64_t n) {
 // Token counts up to this use the dot path.
 constexpr int kFewTokens = 4;
 
-// out[r][k] = Σ_i w[r][i]·x[tok[k], cols[i]] for r < nr, k < nt (tok[k] < 0: 0). xg: scratch of
-// n·kTok. Picks the micro-kernel or, for few tokens, per-token dots.
+// The inputs of a chunk of tokens for rows_times_tokens: token-innermost for the micro-kernel, or
+// one contiguous run per token for the dot path (cols == nullptr: nothing to gather there).
 template <typename T>
-inline void rows_times_tokens(const T* const* w, int nr, const T* x, int64_t xs, const int64_t* tok, int nt,
-                              const int32_t* cols, int64_t n, Acc<T>* xg, Acc<T> (*out)[kTok]) {
+inline void prepare_tokens(const T* x, int64_t xs, const int64_t* tok, int nt, const int32_t* cols, int64_t n,
+                           Acc<T>* xg) {
   if (nt > kFewTokens) {
     gather_tokens(x, xs, tok, nt, cols, n, xg);
+    return;
+  }
+  for (int k = 0; k < nt && cols; ++k) {
+    if (tok[k] < 0) continue;
+    const T* xr = x + tok[k] * xs;
+    for (int64_t i = 0; i < n; ++i) xg[k * n + i] = to_float(xr[cols[i]]);
+  }
+}
+
+// out[r][k] = Σ_i w[r][i]·x[tok[k], cols[i]] for r < nr, k < nt (tok[k] < 0: 0), from the inputs
+// prepare_tokens left in xg.
+template <typename T>
+inline void rows_times_tokens(const T* const* w, int nr, const T* x, int64_t xs, const int64_t* tok, int nt,
+                              const int32_t* cols, int64_t n, const Acc<T>* xg, Acc<T> (*out)[kTok]) {
+  if (nt > kFewTokens) {
     micro(w, nr, n, xg, out);
     return;
   }
   for (int k = 0; k < nt; ++k) {
-    if (tok[k] < 0) {
-      for (int r = 0; r < nr; ++r) out[r][k] = 0;
-      continue;
+    for (int r = 0; r < nr; ++r) {
+      out[r][k] = tok[k] < 0 ? Acc<T>(0) : cols ? dot_acc(w[r], xg + k * n, n) : dot(w[r], x + tok[k] * xs, n);
     }
-    const T* xr = x + tok[k] * xs;
-    if (!cols) {
-      for (int r = 0; r < nr; ++r) out[r][k] = dot(w[r], xr, n);
-      continue;
-    }
-    Acc<T>* g = xg + k * n;
-    for (int64_t i = 0; i < n; ++i) g[i] = to_float(xr[cols[i]]);
-    for (int r = 0; r < nr; ++r) out[r][k] = dot_acc(w[r], g, n);
   }
 }
 
@@ -198,19 +204,15 @@ void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t 
       const int nt = static_cast<int>(std::min<int64_t>(kTok, tokens - t0));
       int64_t all[kTok];
       for (int k = 0; k < kTok; ++k) all[k] = k < nt ? t0 + k : -1;
-      if (nt > kFewTokens && xb_chunk != ch) {  // a static schedule walks a chunk's blocks in a row
-        gather_tokens(x, xs, all, nt, nullptr, n_in, xb.data());
+      if (xb_chunk != ch) {  // a static schedule walks a chunk's blocks in a row
+        prepare_tokens(x, xs, all, nt, nullptr, n_in, xb.data());
         xb_chunk = ch;
       }
       for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
         const int nr = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
         const T* w[kRows];
         for (int r = 0; r < nr; ++r) w[r] = base + (r0 + r) * n_in;
-        if (nt > kFewTokens) {
-          micro(w, nr, n_in, xb.data(), acc + (r0 - n0));
-        } else {
-          rows_times_tokens(w, nr, x, xs, all, nt, nullptr, n_in, xb.data(), acc + (r0 - n0));
-        }
+        rows_times_tokens(w, nr, x, xs, all, nt, nullptr, n_in, xb.data(), acc + (r0 - n0));
       }
       for (int64_t n = n0; n < n1; ++n) {
         const Acc<T> b = bias ? static_cast<Acc<T>>(to_float(bias[n])) : Acc<T>(0);
@@ -228,17 +230,13 @@ void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t 
         const int64_t j0 = std::lower_bound(v.rows, v.rows + v.n_rows, static_cast<int32_t>(n0)) - v.rows;
         const int64_t j1 = std::lower_bound(v.rows + j0, v.rows + v.n_rows, static_cast<int32_t>(n1)) - v.rows;
         if (j0 == j1) continue;
-        if (nt > kFewTokens) gather_tokens(x, xs, tok, kTok, v.cols, v.n_cols, xg.data());
+        prepare_tokens(x, xs, tok, nt, v.cols, v.n_cols, xg.data());
         const T* delta = static_cast<const T*>(v.delta);
         for (int64_t j = j0; j < j1; j += kRows) {
           const int nr = static_cast<int>(std::min<int64_t>(kRows, j1 - j));
           const T* w[kRows];
           for (int r = 0; r < nr; ++r) w[r] = delta + (j + r) * v.n_cols;
-          if (nt > kFewTokens) {
-            micro(w, nr, v.n_cols, xg.data(), part);
-          } else {
-            rows_times_tokens(w, nr, x, xs, tok, nt, v.cols, v.n_cols, xg.data(), part);
-          }
+          rows_times_tokens(w, nr, x, xs, tok, nt, v.cols, v.n_cols, xg.data(), part);
           for (int r = 0; r < nr; ++r)
             for (int k = 0; k < kTok; ++k) acc[v.rows[j + r] - n0][k] += part[r][k];
         }
@@ -275,18 +273,14 @@ void add(const T* x, int64_t xs, T* y, int64_t n_out, const lcdd_carrier_view* c
       const lcdd_carrier_view& v = cv[task.c];
       const int64_t* tok = rt.tokens[task.c].data() + task.tok;
       const int nt = static_cast<int>(std::min<int64_t>(kTok, static_cast<int64_t>(rt.tokens[task.c].size()) - task.tok));
-      if (nt > kFewTokens) gather_tokens(x, xs, tok, nt, v.cols, v.n_cols, xg.data());
+      prepare_tokens(x, xs, tok, nt, v.cols, v.n_cols, xg.data());
       const T* delta = static_cast<const T*>(v.delta);
       const int64_t j1 = std::min(v.n_rows, task.row + kAddRows);
       for (int64_t j = task.row; j < j1; j += kRows) {
         const int nr = static_cast<int>(std::min<int64_t>(kRows, j1 - j));
         const T* w[kRows];
         for (int r = 0; r < nr; ++r) w[r] = delta + (j + r) * v.n_cols;
-        if (nt > kFewTokens) {
-          micro(w, nr, v.n_cols, xg.data(), part);
-        } else {
-          rows_times_tokens(w, nr, x, xs, tok, nt, v.cols, v.n_cols, xg.data(), part);
-        }
+        rows_times_tokens(w, nr, x, xs, tok, nt, v.cols, v.n_cols, xg.data(), part);
         for (int r = 0; r < nr; ++r) {
           for (int k = 0; k < nt; ++k) {
             T* out = y + tok[k] * n_out + v.rows[j + r];
