@@ -257,6 +257,8 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from tqdm.auto import tqdm
 
+    if args.plot:
+        raise ValueError("lcdd bench eraser draws no plot (three groups: its table is the picture); drop --plot")
     device, dtype = common.resolve_device_dtype(args)
     dev = torch.device(device)
     models = tuple(args.models.split(",")) if args.models else PLANS[(dev.type, bool(args.quick))]
@@ -291,7 +293,7 @@ def run(args) -> int:
                 measured[provider].update(m)
                 if case["mode"] == "step":
                     measured[provider]["steps_per_s"] = 1e3 / _time(m)
-            if not args.no_memory and (dev.type == "cuda" or common.hwm_reset_works()):
+            if not args.no_memory:
                 for provider, fn in prepared.items():
                     measured[provider]["peak_bytes"] = common.call_peak_bytes(fn, dev)
         except Exception as e:  # one failing group must not lose the run
