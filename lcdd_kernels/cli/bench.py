@@ -8,6 +8,7 @@ import importlib
 # ("plot" is no suite: it draws any suite's results file)
 SUITES = {
     "training": "training",
+    "eraser": "eraser",
     "lcdd-step": "lcdd_step",
     "plot": "plot",
 }
