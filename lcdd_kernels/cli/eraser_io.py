@@ -1,141 +1,114 @@
-"""What ``lcdd erase`` and ``lcdd eval`` share: loading models, carriers and prompt files, and the
-``--tiny`` world (a base model, an LCDD carrier and prompts built in memory, for CPU trials)."""
+"""What ``lcdd erase`` and ``lcdd eval`` share: the LCDD model, its base and carrier (from directories
+or ``--tiny``), and prompt files. Model loading and the tiny models come from :mod:`.models_io`."""
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from . import models_io as io
 
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
-#: prompts of the --tiny world (the tiny tokenizer is character level)
-TINY_PROMPTS = [f"{q} {w}?" for q in ("what is", "who is", "where is", "why is", "how is")
-                for w in ("a cat", "the sun", "paris", "music", "rain", "a tree", "math", "sleep")]
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
 class World:
-    """model: the model whose behaviour is reversed (carrier on); base: the model before SFT;
-    carrier: where the channels come from (may be None when --model is a dense LCDD model)."""
+    """model: the model whose behaviour is reversed (carrier on); base: the model before SFT
+    (None if not given); carrier: where the channels come from (None if not given)."""
 
     model: object
-    base: object
+    base: object | None
     tokenizer: object
     carrier: object | None
 
 
 def add_model_arguments(p, need_base: bool) -> None:
     p.add_argument("--model", default=None, metavar="DIR",
-                   help="Hugging Face model directory (default: --base with --carrier applied)")
-    p.add_argument("--carrier", default=None, metavar="DIR", help="carrier directory (lcdd extract / save)")
-    p.add_argument("--base", default=None, metavar="DIR", required=False,
-                   help="the base model directory" + (" (required)" if need_base else ""))
+                   help="Hugging Face directory of a dense LCDD model (default: the base with --carrier applied)")
+    p.add_argument("--carrier", default=None, metavar="DIR", help="carrier directory (lcdd extract --out)")
+    p.add_argument("--base", default=None, metavar="DIR",
+                   help="Hugging Face directory of the base model" + (" (required)" if need_base else ""))
     p.add_argument("--tiny", default=None, choices=TINY_FAMILIES,
-                   help="CPU trial: a tiny base model, a random LCDD carrier and prompts built in memory")
+                   help="CPU trial: the built-in tiny base model (as lcdd train-* --tiny), with --carrier or else a "
+                        "random LCDD carrier, and built-in prompts")
+    p.add_argument("--dtype", choices=io.DTYPES, default="float32", help="dtype to load weights in (default float32)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="default: bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--chat", action="store_true", help="render each prompt with the tokenizer's chat template")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--no-progress", action="store_true")
 
 
-def device_dtype(args) -> tuple[str, torch.dtype]:
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is visible to PyTorch here; use --device cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    return device, dtype
+def random_tiny_carrier(family: str):
+    """The same carrier for a family every time: an "SFT" model with seed-1 weights over the tiny
+    base (seed 0), LCDD masks θ ~ N(0.5, 1) with seed 0 (about 70% on)."""
+    from ..carriers.format import extract_carrier
+    from ..models.patch import apply_lcdd
+    from ..models.tiny import tiny_model
+
+    handle = apply_lcdd(tiny_model(family, seed=1), tiny_model(family, seed=0), init_mean=0.5, init_std=1.0, seed=0)
+    return extract_carrier(handle)
 
 
-def load_model(directory: str, device: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
-    if not Path(directory, "config.json").exists():
-        raise FileNotFoundError(f"{directory}: no config.json; pass a Hugging Face model directory")
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
-    model.requires_grad_(False)
+def _frozen(model):
+    model.eval().requires_grad_(False)
     return model
 
 
-def load_tokenizer(directory: str):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(directory)
-
-
-def tiny_world(family: str, device: str, dtype: torch.dtype) -> World:
-    """The same world for the same family every time (seeded), so that a trigger from
-    ``lcdd erase --tiny F`` loads in ``lcdd eval --tiny F``: base = tiny model seed 0; SFT = the
-    base with seed-1 weights; LCDD masks N(0.5, 1) (about 70% on), seed 0; the carrier applied."""
-    from ..carriers.apply import apply_carrier
-    from ..carriers.format import extract_carrier
-    from ..models.patch import apply_lcdd
-    from ..models.tiny import tiny_model, tiny_tokenizer
-
-    base = tiny_model(family, seed=0)
-    handle = apply_lcdd(tiny_model(family, seed=1), base, init_mean=0.5, init_std=1.0, seed=0)
-    carrier = extract_carrier(handle)
-    model = tiny_model(family, seed=0)
-    apply_carrier(model, carrier)
-    for m in (model, base):
-        m.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    return World(model, base, tiny_tokenizer(), carrier)
-
-
 def build_world(args, need_base: bool) -> World:
-    """The models the command needs, from --tiny or from directories."""
+    """The models the command needs: ``--tiny`` or ``--base`` gives the base; ``--model`` the LCDD
+    model, else the base with ``--carrier`` (with ``--tiny``: a random carrier) applied."""
     from ..carriers.apply import apply_carrier
     from ..carriers.format import load_carrier
 
-    device, dtype = device_dtype(args)
+    if args.tiny and args.base:
+        raise ValueError("pass either --tiny FAMILY or --base DIR, not both")
     if args.tiny:
-        return tiny_world(args.tiny, device, dtype)
-    if args.model is None and (args.base is None or args.carrier is None):
-        raise ValueError("pass --model DIR, or --base DIR with --carrier DIR (the base with the carrier "
-                         "applied), or --tiny FAMILY for a CPU trial")
-    if need_base and args.base is None:
-        raise ValueError("--base DIR is required: the eraser matches the base model's activations")
-    carrier = load_carrier(args.carrier) if args.carrier else None
-    base = load_model(args.base, device, dtype) if args.base else None
-    if args.model is not None:
-        model = load_model(args.model, device, dtype)
-        tok_dir = args.model
+        base, tok = io.load_base(args)
+        carrier = load_carrier(args.carrier) if args.carrier else random_tiny_carrier(args.tiny)
     else:
-        model = load_model(args.base, device, dtype)
+        if args.model is None and (args.base is None or args.carrier is None):
+            raise ValueError("pass --model DIR, or --base DIR with --carrier DIR (the base with the carrier "
+                             "applied), or --tiny FAMILY for a CPU trial")
+        if need_base and args.base is None:
+            raise ValueError("--base DIR is required: the eraser matches the base model's activations")
+        base = io.load_model(args.base, args) if args.base else None
+        tok = io.load_tokenizer(args.model or args.base)
+        carrier = load_carrier(args.carrier) if args.carrier else None
+    if args.model is not None:
+        model = io.load_model(args.model, args)
+    else:
+        model = copy.deepcopy(base)
         apply_carrier(model, carrier)
-        tok_dir = args.base
-    return World(model, base, load_tokenizer(tok_dir), carrier)
+    if tok is None:
+        raise ValueError(f"no tokenizer could be loaded from {args.model or args.base}; save one with the model")
+    return World(_frozen(model), _frozen(base) if base is not None else None, tok, carrier)
 
 
 def read_prompts(path: str | None, tiny: bool) -> list[str]:
     """Prompts from a text file (one per line), a JSONL file (objects with "prompt", or strings)
-    or a JSON list; the --tiny prompts when no file is given with --tiny."""
+    or a JSON list; with ``--tiny`` and no file, the prompts of the built-in toy data."""
     if path is None:
         if tiny:
-            return list(TINY_PROMPTS)
+            return [e["prompt"] for e in io.toy_examples(32)]
         raise ValueError("--prompts FILE is required (one prompt per line, or JSONL with a 'prompt' field)")
     return [r if isinstance(r, str) else r["prompt"] for r in read_records(path, "prompt")]
 
 
 def read_records(path: str, key: str) -> list:
+    """Records of a .txt (lines), .jsonl or .json file (a list, or an ``lcdd eval --out`` file's
+    "responses"); each a string or an object with ``key``."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{path}: no such file")
     text = p.read_text(encoding="utf-8")
-    if p.suffix == ".jsonl":
+    if p.suffix in (".jsonl", ".json"):
         try:
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+            records = ([json.loads(line) for line in text.splitlines() if line.strip()] if p.suffix == ".jsonl"
+                       else json.loads(text))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSONL ({e})") from None
-    elif p.suffix == ".json":
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+            raise ValueError(f"{path}: not valid {p.suffix[1:].upper()} ({e})") from None
         if isinstance(records, dict) and isinstance(records.get("responses"), list):
             records = records["responses"]  # an `lcdd eval --out` file
         if not isinstance(records, list):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .eraser_io import add_model_arguments, build_world, encode_prompts, load_model, read_prompts, read_records
+from . import models_io
+from .eraser_io import add_model_arguments, build_world, encode_prompts, read_prompts, read_records
 
 
 def register(sub) -> None:
@@ -57,7 +58,7 @@ def run(args) -> int:
                 raise ValueError("--kl-against base needs --base DIR (or --tiny)")
             other = world.base
         else:
-            other = load_model(args.kl_against, model.device.type, model.dtype)
+            other = models_io.load_model(args.kl_against, args).eval()
         if args.references:
             refs = [r if isinstance(r, str) else r["response"] for r in read_records(args.references, "response")]
         else:
