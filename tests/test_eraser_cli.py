@@ -32,3 +32,17 @@ def test_erase_needs_models_and_prompts(tmp_path, capsys):
     assert "--base DIR with --carrier DIR" in capsys.readouterr().err
     assert main(["erase", "--tiny", "qwen3", "--out", str(tmp_path / "t"), "--prompts", str(tmp_path / "none.txt")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_tiny_with_a_saved_carrier(tmp_path, capsys):
+    from lcdd_kernels.cli.eraser_io import random_tiny_carrier
+
+    random_tiny_carrier("qwen2").save(tmp_path / "carrier")
+    out = tmp_path / "trig"
+    assert main(["erase", "--tiny", "qwen2", "--carrier", str(tmp_path / "carrier"), "--out", str(out),
+                 "--steps", "2", "--trigger-length", "3", "--kappa", "0", "--channel-kind", "ffn_write",
+                 "--no-progress"]) == 0
+    meta = json.loads((out / "trigger.json").read_text())
+    assert meta["channels_kind"] == "ffn_write" and meta["options"]["kappa"] == 0.0
+    assert main(["erase", "--tiny", "qwen2", "--base", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "either --tiny FAMILY or --base DIR" in capsys.readouterr().err
