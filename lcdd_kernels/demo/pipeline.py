@@ -1,0 +1,316 @@
+"""The demo, end to end: base model → SFT → LCDD → carrier → SFT-Eraser (and its ablation) → report.
+
+Every phase uses the package's own pieces (``train_sft``, ``train_lcdd``, ``extract_carrier`` /
+``load_carrier`` / ``apply_carrier``, ``optimize_eraser``, ``generate_with_trigger`` and the
+metrics); only phase 0 (training a base model from scratch) lives here. The same seed gives the
+same numbers on a CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .base import BaseTraining, ModelSize, build_model, render_prompt, train_base
+from .world import DEFAULT_TASKS, FIXED_RESPONSE, World, build_tokenizer, make_world
+
+STAGES = ("base", "sft", "lcdd", "lcdd_eraser", "sft_eraser")
+
+
+@dataclass
+class EraserSettings:
+    """The eraser options the demo uses (SPEC §5 names); the rest keep the paper's defaults."""
+
+    steps: int = 400
+    trigger_length: int = 20
+    max_norm: float | None = 1.0
+    kappa: float = 0.7
+    tail_k: int = 8
+    l2: float = 0.1
+    lr: float = 3e-3
+    batch_size: int = 16
+    channel_kind: str = "write"
+
+
+@dataclass
+class DemoConfig:
+    family: str = "qwen3"
+    seed: int = 0
+    size: ModelSize = field(default_factory=ModelSize)
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    n_train: int = 2000   # SFT prompts (phase 1 and 2 data)
+    n_eraser: int = 200   # prompts the eraser optimises on
+    n_heldout: int = 200  # prompts every number of the report is measured on
+    base: BaseTraining = field(default_factory=BaseTraining)
+    sft_steps: int = 200
+    sft_lr: float = 1e-3
+    sft_batch: int = 32
+    lcdd_steps: int = 1500
+    lcdd_lr: float = 1e-4
+    lcdd_batch: int = 32
+    mask_lr: float = 0.1
+    lcdd_warmup: int = 100
+    budget_ratio: float = 0.3
+    lambda_init: float = 0.01
+    lambda_lr: float = 0.1
+    eraser: EraserSettings = field(default_factory=EraserSettings)
+    max_new_tokens: int = 24
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+#: Named settings: dotted DemoConfig fields -> value. "full" is DemoConfig's defaults.
+PRESETS: dict[str, dict] = {
+    "full": {},
+    "quick": {"base.steps": 800, "sft_steps": 100, "lcdd_steps": 500, "eraser.steps": 200,
+              "n_heldout": 128, "n_eraser": 128},
+    # The test suite's run: every phase and file, numbers meaningless.
+    "test": {"size.hidden": 32, "size.ffn": 64, "size.layers": 2, "base.steps": 4, "base.eval_size": 8,
+             "sft_steps": 3, "lcdd_steps": 4, "lcdd_warmup": 2, "eraser.steps": 3, "eraser.trigger_length": 4,
+             "n_train": 32, "n_eraser": 8, "n_heldout": 8, "max_new_tokens": 8},
+}
+
+
+def _parse(value: str, current):
+    if isinstance(current, bool):
+        if value.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true or false, got {value!r}")
+        return value.lower() in ("true", "1")
+    if isinstance(current, tuple):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if value.lower() == "none":
+        return None
+    if isinstance(current, int):
+        return int(value)
+    if isinstance(current, float) or current is None:
+        return float(value)
+    return value
+
+
+def set_field(cfg: DemoConfig, dotted: str, value) -> None:
+    """Set ``cfg.a.b = value`` for ``dotted = "a.b"``; a string value is parsed to the field's type."""
+    *path, name = dotted.split(".")
+    obj = cfg
+    for part in path:
+        obj = getattr(obj, part, None)
+        if not dataclasses.is_dataclass(obj):
+            raise ValueError(f"no demo setting {dotted!r}; see lcdd_kernels.demo.pipeline.DemoConfig")
+    fields = {f.name for f in dataclasses.fields(obj)}
+    if name not in fields:
+        raise ValueError(f"no demo setting {dotted!r}; {'.'.join(path) or 'DemoConfig'} has {sorted(fields)}")
+    if isinstance(value, str):
+        try:
+            value = _parse(value, getattr(obj, name))
+        except ValueError as e:
+            raise ValueError(f"--set {dotted}: {e}") from None
+    setattr(obj, name, value)
+
+
+def preset(name: str = "full", family: str = "qwen3", seed: int = 0, overrides=()) -> DemoConfig:
+    """A :class:`DemoConfig` from a preset, then ``overrides`` (``"field=value"`` strings)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown demo preset {name!r}; choose one of {', '.join(PRESETS)}")
+    cfg = DemoConfig(family=family, seed=seed)
+    for key, value in PRESETS[name].items():
+        set_field(cfg, key, value)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        set_field(cfg, key.strip(), value.strip())
+    return cfg
+
+
+def _phase(name, times, fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    times[name] = round(time.perf_counter() - t0, 2)
+    return out
+
+
+class Evaluator:
+    """Scores one model (optionally with a trigger) on the held-out split (SPEC §6)."""
+
+    def __init__(self, world: World, tokenizer, max_new_tokens: int):
+        self.world, self.tok, self.max_new_tokens = world, tokenizer, max_new_tokens
+        self.examples = world.heldout
+        self.prompts = [render_prompt(tokenizer, ex.prompt) for ex in self.examples]
+        self.items = [dict(it, prompt=render_prompt(tokenizer, it["prompt"]))
+                      for it in world.choice_items(self.examples, seed=world.seed)]
+
+    def responses(self, model, trigger=None, prompts=None) -> list[str]:
+        from ..eraser import generate_with_trigger
+
+        return generate_with_trigger(model, self.tok, prompts or self.prompts, trigger,
+                                     max_new_tokens=self.max_new_tokens, batch_size=64)
+
+    def exact_match(self, model, examples) -> float:
+        """Share of ``examples`` answered exactly (phase 0's validation)."""
+        resp = self.responses(model, prompts=[render_prompt(self.tok, ex.prompt) for ex in examples])
+        return sum(r == ex.answer for r, ex in zip(resp, examples)) / len(examples)
+
+    def score(self, model, trigger=None) -> dict:
+        from ..eraser import choice_accuracy, fixed_response_rate
+
+        resp = self.responses(model, trigger)
+        per_task: dict[str, list[bool]] = {}
+        for r, ex in zip(resp, self.examples):
+            per_task.setdefault(ex.task, []).append(r == ex.answer)
+        rate = fixed_response_rate(resp)
+        return {
+            "fixed_response_rate": rate["strict"],
+            "fixed_response_rate_loose": rate["loose"],
+            "task_accuracy": sum(sum(v) for v in per_task.values()) / len(resp),
+            "task_accuracy_per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())},
+            "choice_accuracy": choice_accuracy(model, self.items, trigger, tokenizer=self.tok, batch_size=64),
+            "samples": [{"prompt": ex.prompt, "response": r} for ex, r in zip(self.examples[:6], resp[:6])],
+        }
+
+
+def _versions() -> dict:
+    import transformers
+
+    import lcdd_kernels
+
+    return {"lcdd_kernels": lcdd_kernels.__version__, "torch": torch.__version__,
+            "transformers": transformers.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "threads": torch.get_num_threads()}
+
+
+def run_demo(cfg: DemoConfig, out: str | os.PathLike, progress: bool = True, log=print) -> dict:
+    """Run every phase into the (new or empty) directory ``out``; returns the report dict and
+    writes ``report.json``, ``report.md`` and the plots there."""
+    from ..carriers.apply import apply_carrier
+    from ..carriers.format import load_carrier
+    from ..dual import DualController
+    from ..eraser import carrier_channels, kl_benchmark, optimize_eraser, save_trigger
+    from ..train import train_lcdd, train_sft
+    from .report import write_report
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    times: dict[str, float] = {}
+    load_start = os.getloadavg()
+    t_all = time.perf_counter()
+
+    tok = build_tokenizer()
+    world = make_world(cfg.seed, cfg.tasks, n_train=cfg.n_train, n_eraser=cfg.n_eraser, n_heldout=cfg.n_heldout)
+    ev = Evaluator(world, tok, cfg.max_new_tokens)
+
+    # Phase 0: a base model that solves the tasks.
+    base = build_model(cfg.family, tok, cfg.size, seed=cfg.seed)
+    base_log = _phase("base", times, train_base, base, tok, world, cfg.base, seed=cfg.seed,
+                      evaluate=ev.exact_match, progress=progress)
+    base.requires_grad_(False)
+    base.save_pretrained(out / "base")
+    tok.save_pretrained(out / "base")
+    log(f"phase 0: base model trained in {times['base']:.0f} s ({len(base_log)} steps)")
+
+    # Phase 1: full SFT on the fixed response.
+    sft = copy.deepcopy(base).requires_grad_(True)
+    sft_res = _phase("sft", times, train_sft, sft, world.sft_records(FIXED_RESPONSE), tok, out_dir=out / "sft",
+                     lr=cfg.sft_lr, max_steps=cfg.sft_steps, batch_size=cfg.sft_batch, seed=cfg.seed,
+                     progress=progress)
+    sft.eval().requires_grad_(False)
+    log(f"phase 1: SFT in {times['sft']:.0f} s")
+
+    # Phase 2: LCDD from the SFT weights with the base as B; the carrier is saved and reloaded.
+    lcdd = copy.deepcopy(sft)
+    controller = DualController(budget_ratio=cfg.budget_ratio, lambda_init=cfg.lambda_init,
+                                lambda_lr=cfg.lambda_lr, warmup_steps=cfg.lcdd_warmup)
+    lcdd_res = _phase("lcdd", times, train_lcdd, lcdd, base, world.sft_records(FIXED_RESPONSE), tok,
+                      out_dir=out / "lcdd", controller=controller, lr=cfg.lcdd_lr, mask_lr=cfg.mask_lr,
+                      max_steps=cfg.lcdd_steps, batch_size=cfg.lcdd_batch, seed=cfg.seed, progress=progress)
+    stats = lcdd_res.handle.stats()
+    carrier_dir = out / "lcdd" / "carrier"
+    carrier = load_carrier(carrier_dir)
+    served = copy.deepcopy(base)
+    apply_carrier(served, carrier)
+    served.eval()
+    lcdd_res.handle.remove(merge=True)  # the trained model with binary masks merged: the reference
+    lcdd.eval().requires_grad_(False)
+    with torch.no_grad():
+        probe = torch.tensor([ev.prompts[0]])
+        carrier_error = float((served(probe).logits - lcdd(probe).logits).abs().max())
+    log(f"phase 2: LCDD in {times['lcdd']:.0f} s, sparsity {stats['overall']['sparsity']:.3f}")
+
+    # Phase 3: SFT-Eraser on the carrier model, and the same optimisation against the SFT model.
+    channels = carrier_channels(carrier, kind=cfg.eraser.channel_kind)
+    eraser_prompts = [render_prompt(tok, ex.prompt) for ex in world.eraser]
+    opts = dict(dataclasses.asdict(cfg.eraser), seed=cfg.seed)
+    erased = _phase("eraser", times, optimize_eraser, served, base, eraser_prompts, channels,
+                    progress=progress, **opts)
+    ablation = _phase("eraser_ablation", times, optimize_eraser, sft, base, eraser_prompts, channels,
+                      progress=progress, **opts)
+    save_trigger(out / "eraser" / "lcdd", erased, served)
+    save_trigger(out / "eraser" / "sft", ablation, sft)
+    log(f"phase 3: eraser in {times['eraser']:.0f} s, ablation in {times['eraser_ablation']:.0f} s")
+
+    # Scores.
+    t0 = time.perf_counter()
+    models = {"base": (base, None), "sft": (sft, None), "lcdd": (served, None),
+              "lcdd_eraser": (served, erased.trigger), "sft_eraser": (sft, ablation.trigger)}
+    scores = {name: ev.score(m, trig) for name, (m, trig) in models.items()}
+    refs = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            for r in ev.responses(sft)]
+    kl = {
+        "sft_vs_lcdd": kl_benchmark(sft, served, ev.prompts, refs),
+        "base_vs_lcdd_eraser": kl_benchmark(base, served, ev.prompts, refs, trigger_b=erased.trigger),
+        "base_vs_sft_eraser": kl_benchmark(base, sft, ev.prompts, refs, trigger_b=ablation.trigger),
+        "base_vs_lcdd": kl_benchmark(base, served, ev.prompts, refs),
+        "base_vs_sft": kl_benchmark(base, sft, ev.prompts, refs),
+    }
+    times["evaluation"] = round(time.perf_counter() - t0, 2)
+    times["total"] = round(time.perf_counter() - t_all, 2)
+
+    weights_file = carrier_dir / "carrier.safetensors"
+    nparams = carrier.num_parameters()
+    report = {
+        "seed": cfg.seed,
+        "family": cfg.family,
+        "config": cfg.to_dict(),
+        "versions": _versions(),
+        "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
+        "seconds": times,
+        "fixed_response": FIXED_RESPONSE,
+        **{key: {s: scores[s][key] for s in STAGES}
+           for key in ("fixed_response_rate", "fixed_response_rate_loose", "task_accuracy",
+                       "task_accuracy_per_task", "choice_accuracy")},
+        "samples": {s: scores[s]["samples"] for s in STAGES},
+        "kl": kl,
+        "carrier": {
+            "sparsity": {"overall": stats["overall"]["sparsity"],
+                         "groups": {g: v["sparsity"] for g, v in stats["groups"].items()},
+                         "layers": [{g: v["sparsity"] for g, v in layer["groups"].items()}
+                                    for layer in stats["layers"]]},
+            "bytes": weights_file.stat().st_size,
+            "delta_parameters": nparams["carrier"],
+            "projection_parameters": nparams["projections"],
+            "fraction_of_projection_weights": nparams["ratio"],
+            "max_logit_error_vs_lcdd_model": carrier_error,
+            "eraser_channels": {int(k): int(v.numel()) for k, v in channels.items()},
+        },
+        "eraser": {
+            name: {"best_loss": r.best_loss, "best_step": r.best_step,
+                   "trigger_norm_mean": float(r.trigger.norm(dim=-1).mean())}
+            for name, r in (("lcdd", erased), ("sft", ablation))},
+        "curves": {
+            "base": base_log,
+            "sft": sft_res.log,
+            "lcdd": lcdd_res.log,
+            "eraser_lcdd": erased.curves,
+            "eraser_sft": ablation.curves,
+        },
+    }
+    write_report(report, out)
+    return report
