@@ -147,3 +147,27 @@ def test_mismatched_base_model():
     base = tiny_model("llama", vocab_size=50)
     with pytest.raises(ValueError, match="differ in vocab_size"):
         optimize_eraser(model, base, [[3, 4]], CHANNELS, steps=1, progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (SDPA's GPU kernels with padding masks)")
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_batched_loss_and_gradient_on_cuda(family):
+    """fp32 on the GPU's attention kernels (padded rows must not leak NaN), then a bf16 smoke run."""
+    model, base = (m.float().cuda() for m in _pair(family))
+    prompts = _prompts(model.config.vocab_size)
+    channels = {k: v.cuda() for k, v in CHANNELS.items()}
+    opts = EraserOptions(trigger_length=3, kappa=0.7, tail_k=4, l2=0.1)
+    T = (0.5 * torch.randn(3, model.config.hidden_size, device="cuda")).requires_grad_(True)
+    idx = torch.tensor([4, 0, 2, 1])
+    with torch.no_grad():
+        targets = base_targets(base, [p.cuda() for p in prompts], channels, opts.tail_k, batch_size=2)
+    loss, _ = eraser_loss(model, T, [p.cuda() for p in prompts], idx, targets, channels, opts)
+    (g,) = torch.autograd.grad(loss, T)
+    ref = literal_loss(model, base, T, [prompts[i].cuda() for i in idx], [p.cuda() for p in prompts], channels,
+                       opts.kappa, opts.tail_k, opts.l2)
+    (g_ref,) = torch.autograd.grad(ref, T)
+    torch.testing.assert_close(loss, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(g, g_ref, rtol=1e-3, atol=1e-4 * g_ref.abs().max().item())
+    res = optimize_eraser(model.bfloat16(), base.bfloat16(), prompts, channels, steps=3, batch_size=4,
+                          trigger_length=3, tail_k=4, progress=False)
+    assert all(torch.isfinite(torch.tensor(res.curves["loss"]))) and torch.isfinite(res.trigger).all()

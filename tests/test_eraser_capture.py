@@ -126,3 +126,19 @@ def test_bad_channels(channels, match):
     with pytest.raises((ValueError, TypeError), match=match):
         with capture(model, channels):
             pass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the Triton gather kernel)")
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_capture_on_cuda(family, padding):
+    model = tiny_model(family).cuda().eval()
+    prompts = [p.cuda() for p in _prompts(model.config.vocab_size)]
+    channels = {k: v.cuda() for k, v in _channels(model).items()}
+    rows = build_rows(model.get_input_embeddings(), prompts, None, padding)
+    with torch.no_grad():
+        ref = _one_at_a_time(model, prompts, channels)
+        with capture(model, channels) as cap:
+            model(**rows.model_kwargs())
+    for layer in channels:
+        torch.testing.assert_close(cap.activations[layer], ref[layer], rtol=1e-4, atol=1e-5)

@@ -158,14 +158,13 @@ def base_targets(base_model, seqs: list[torch.Tensor], channels: Mapping[int, to
 
     emb = base_model.get_input_embeddings()
     sums = {layer: None for layer in channels}
-    logps, masks = [], []
+    logps = []
     with capture(base_model, channels, stop_after_last=not need_kl) as cap:
         for s in tqdm(range(0, len(seqs), batch_size), desc="base targets", disable=not progress):
             rows = build_rows(emb, seqs[s:s + batch_size], None)
             if need_kl:
                 logp, mask = tail_logprobs(base_model, rows, tail_k)
-                logps.append(logp)
-                masks.append(mask)
+                logps.append(logp.masked_fill(~mask[..., None], 0.0))
             elif channels:
                 cap.forward(**rows.model_kwargs())
             for layer in channels:
@@ -191,8 +190,8 @@ def eraser_loss(model, trigger: torch.Tensor, seqs: list[torch.Tensor], idx: tor
         logp, mask = tail_logprobs(model, rows, opts.tail_k)
         base = targets.logp[idx].to(logp.device)
         kl_pos = F.kl_div(logp, base, log_target=True, reduction="none").sum(-1)  # (B, k)
-        mask = mask.to(kl_pos.dtype)
-        kl = ((kl_pos * mask).sum(1) / mask.sum(1)).mean()
+        # where, not a product: positions outside the prompt must not leak even a non-finite value
+        kl = (torch.where(mask, kl_pos, 0.0).sum(1) / mask.sum(1)).mean()
     else:
         _cap.forward(**rows.model_kwargs())
         kl = zero

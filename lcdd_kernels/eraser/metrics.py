@@ -130,7 +130,7 @@ def choice_scores(model, items: Sequence[dict], trigger: torch.Tensor | None = N
         ids = torch.zeros(mask.shape, dtype=torch.long)
         for b, c in enumerate(cont[sl]):
             ids[b, : c.numel()] = c
-        tok = logp.gather(-1, ids.to(logp.device)[..., None])[..., 0] * mask
+        tok = torch.where(mask, logp.gather(-1, ids.to(logp.device)[..., None])[..., 0], 0.0)
         s = tok.sum(1).double().cpu()
         scores[sl] = s / mask.sum(1).cpu() if length_normalize else s
     return list(scores.split(sizes))
