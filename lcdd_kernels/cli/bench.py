@@ -9,6 +9,7 @@ import importlib
 SUITES = {
     "training": "training",
     "eraser": "eraser",
+    "carrier": "carrier",
     "lcdd-step": "lcdd_step",
     "plot": "plot",
 }

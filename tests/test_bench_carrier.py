@@ -1,0 +1,40 @@
+"""`lcdd bench carrier`: its providers compute the same projection, and a tiny run writes rows and
+target checks (the numbers themselves are never asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from lcdd_kernels.bench.carrier import PROVIDERS, cases, setup_linear, token_ids
+from lcdd_kernels.cli import main
+
+
+@pytest.mark.parametrize("mix", [0, 1, 3])
+def test_providers_agree(mix):
+    case = {"T": 9, "N": 40, "K": 24, "s": 0.7, "mix": mix}
+    outs = {p: setup_linear(case, p, "cpu", "float32").forward() for p in PROVIDERS}
+    for p in ("merged", "lcdd"):
+        torch.testing.assert_close(outs[p], outs["naive"], rtol=1e-5, atol=1e-5, msg=p)
+    assert torch.equal(outs["base"], outs["naive"]) == (mix == 0)
+
+
+def test_token_ids_and_cases():
+    assert token_ids(8, 4).tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert token_ids(3, 0).tolist() == [-1, -1, -1]
+    got = cases(("tiny",), (1, 16, 512), (0.8,), (0, 1, 4))
+    assert all(c["mix"] <= c["T"] for c in got)
+    assert not any(c["mix"] == 0 and c["phase"] == "prefill" for c in got)
+
+
+def test_cli_tiny_run(tmp_path):
+    out = tmp_path / "carrier.json"
+    rc = main(["bench", "carrier", "--models", "tiny", "--T", "4,40", "--mixes", "0,1,4", "--sparsity", "0.8",
+               "--no-memory", "--no-generate", "--budget", "0.01", "--device", "cpu", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    rows = [r for r in data["rows"] if r["provider"] == "lcdd"]
+    assert rows and all(r.get("gbps") and r.get("floor_bytes") for r in rows)
+    assert {t["target"] for t in data["targets"]} >= {"decode-one", "decode-none", "prefill"}
