@@ -70,8 +70,8 @@ def build_rows(embedding: torch.nn.Module, seqs: list[torch.Tensor], trigger: to
     Args:
         embedding: the model's input embedding (``model.get_input_embeddings()``).
         seqs: B 1-D int64 token tensors of any lengths.
-        trigger: (L, D) soft prompt (any float dtype, cast to the embedding's; gradients flow back
-            to it), or None.
+        trigger: (L, D) soft prompt (any float dtype and device, cast to the embedding's; gradients
+            flow back to it), or None.
         padding: "left" or "right".
         pad_id: token id embedded at padding columns (masked out; any valid id).
     """
@@ -92,7 +92,7 @@ def build_rows(embedding: torch.nn.Module, seqs: list[torch.Tensor], trigger: to
     embeds = embedding(tokens.to(device))
     if n_trig:
         is_trig = (rel >= 0) & (rel < n_trig)
-        trig = trigger.to(embeds.dtype)[rel.clamp(0, n_trig - 1)]  # (B, S, D), differentiable
+        trig = trigger.to(device=device, dtype=embeds.dtype)[rel.clamp(0, n_trig - 1)]  # (B, S, D), differentiable
         embeds = torch.where(is_trig[..., None], trig, embeds)
     mask = ((rel >= 0) & (rel < n_trig + lengths[:, None])).long()
     return Rows(embeds, mask, rel.clamp(min=0), lengths, starts)
