@@ -35,8 +35,13 @@ test-python: native
 
 test: test-native test-python
 
+# Benchmarks on this machine (CPU, or the GPU when there is one) into $(BENCH_OUT) (not committed;
+# the committed results in benchmarks/results/ come from the commands in the README), then the
+# pytest-benchmark suites. benchmarks/gpu_check.sh is the whole GPU check.
+BENCH_OUT ?= bench-out
 bench: install
-	$(VENV)/bin/lcdd bench training --quick --out benchmarks/results/training-cpu.json
+	$(VENV)/bin/lcdd bench training --quick --force --out $(BENCH_OUT)/training-quick.json --plot $(BENCH_OUT)/training-quick.png
+	$(PY) -m pytest benchmarks -q
 
 demo: install
 	$(VENV)/bin/lcdd demo
