@@ -31,10 +31,11 @@ def test_token_ids_and_cases():
 
 def test_cli_tiny_run(tmp_path):
     out = tmp_path / "carrier.json"
-    rc = main(["bench", "carrier", "--models", "tiny", "--T", "4,40", "--mixes", "0,1,4", "--sparsity", "0.8",
+    rc = main(["bench", "carrier", "--models", "tiny", "--T", "4,600", "--mixes", "0,1", "--sparsity", "0.8",
                "--no-memory", "--no-generate", "--budget", "0.01", "--device", "cpu", "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
     rows = [r for r in data["rows"] if r["provider"] == "lcdd"]
     assert rows and all(r.get("gbps") and r.get("floor_bytes") for r in rows)
     assert {t["target"] for t in data["targets"]} >= {"decode-one", "decode-none", "prefill"}
+    assert all(t["status"] in ("pass", "miss") for t in data["targets"] if t["target"] in ("decode-one", "prefill"))

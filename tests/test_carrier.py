@@ -283,3 +283,36 @@ def test_bank_errors():
     meta = L.CarrierBank(device="meta")
     with pytest.raises(ValueError, match="the bank holds its carriers on meta but x is on cpu"):
         g(x, base, meta, "proj", torch.full((4,), -1))
+
+
+def test_package_works_without_the_extension():
+    # A fresh interpreter in which lcdd_kernels._C cannot be imported (as after LCDD_SKIP_NATIVE=1).
+    import subprocess
+    import sys
+
+    code = """
+import sys
+sys.modules["lcdd_kernels._C"] = None  # any import of it now raises ImportError
+import torch, lcdd_kernels as L
+from lcdd_kernels import _backend
+from lcdd_kernels.ops.carrier import carrier_linear_ref
+assert not _backend.native_available()
+x, B = torch.randn(3, 8), torch.randn(5, 8)
+d, r, c = torch.randn(2, 3), torch.tensor([1, 4]), torch.tensor([0, 2, 7])
+assert torch.allclose(L.carrier_linear(x, B, d, r, c), carrier_linear_ref(x, B, d, r, c), atol=1e-6)
+bank = L.CarrierBank()
+bank.add({"p": (d, r, c)})
+assert torch.allclose(L.bank_linear(x, B, bank, "p", torch.tensor([0, -1, 0])).sum(),
+                      L.bank_linear(x, B, bank, "p", torch.tensor([0, -1, 0]), backend="reference").sum())
+h = torch.randn(2, 4, 8)
+assert torch.equal(L.gather_channels(h, torch.tensor([1, 3]), torch.tensor([0, 5])), h[[0, 1], [1, 3]][:, [0, 5]])
+try:
+    L.carrier_linear(x, B, d, r, c, backend="cpp")
+except ValueError as e:
+    assert "not built" in str(e)
+else:
+    raise AssertionError("cpp ran without _C")
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-2000:]
