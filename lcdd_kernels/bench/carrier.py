@@ -40,12 +40,14 @@ PREPARE = "lcdd_kernels.bench.carrier:prepare"
 PREFILL_T = (512, 2048, 8192)
 DECODE_T = (1, 4, 16, 64)
 
-#: (device type, quick) -> (models, token counts, sparsities, mixes, generate model)
+#: (device type, quick) -> (models, projections (None: all), token counts, sparsities, mixes,
+#: generate model). The GPU quick plan fits the ~45 s hook of benchmarks/gpu_check.sh.
 PLANS = {
-    ("cpu", True): (("qwen3-0.6b",), (1, 16, 512), (0.8,), (0, 1, 4), "tiny"),
-    ("cpu", False): (("qwen3-0.6b",), DECODE_T + (512, 2048), (0.7, 0.8, 0.85), (0, 1, 4, 16), "tiny"),
-    ("cuda", True): (("qwen3-0.6b", "llama-3-8b"), (1, 16, 2048), (0.8,), (0, 1, 4, 16), "qwen3-0.6b"),
-    ("cuda", False): (("qwen3-0.6b", "llama-3-8b"), DECODE_T + PREFILL_T, (0.7, 0.8, 0.85), (0, 1, 4, 16),
+    ("cpu", True): (("qwen3-0.6b",), None, (1, 16, 512), (0.8,), (0, 1, 4), "tiny"),
+    ("cpu", False): (("qwen3-0.6b",), None, DECODE_T + (512, 2048), (0.7, 0.8, 0.85), (0, 1, 4, 16), "tiny"),
+    ("cuda", True): (("qwen3-0.6b", "llama-3-8b"), ("o_proj", "up_proj"), (1, 16, 2048), (0.8,),
+                     (0, 1, 16), "tiny"),
+    ("cuda", False): (("qwen3-0.6b", "llama-3-8b"), None, DECODE_T + PREFILL_T, (0.7, 0.8, 0.85), (0, 1, 4, 16),
                       "qwen3-0.6b"),
 }
 
@@ -213,12 +215,14 @@ def prepare(case: dict, provider: str, device: str, dtype: str, **options) -> co
     return (setup_generate if case["op"] == "generate" else setup_linear)(case, provider, device, dtype, **options)
 
 
-def cases(models, tokens, sparsities, mixes) -> list[dict]:
-    """Every distinct projection shape of each model x T x s x mix (mixes larger than T, and
-    the no-carrier mix at prefill sizes, are skipped)."""
+def cases(models, tokens, sparsities, mixes, projs=None) -> list[dict]:
+    """Every distinct projection shape of each model (or those named in ``projs``) x T x s x mix
+    (mixes larger than T, and the no-carrier mix at prefill sizes, are skipped)."""
     out = []
     for model in models:
         for proj, n, k in common.projection_shapes(model):
+            if projs is not None and not set(proj.split("/")) & set(projs):
+                continue
             for t in tokens:
                 for s in sparsities:
                     for mix in mixes:
@@ -361,8 +365,9 @@ def run(args) -> int:
     if BASELINE not in args.providers:
         raise ValueError(f"--providers must include the baseline {BASELINE!r} (ratios are taken against it)")
     results = common.open_results(args)
-    models, tokens, sparsities, mixes, gen_model = PLANS[(torch.device(device).type, bool(args.quick))]
-    todo = cases(args.models or models, args.tokens or tokens, args.sparsity or sparsities, args.mixes or mixes)
+    models, projs, tokens, sparsities, mixes, gen_model = PLANS[(torch.device(device).type, bool(args.quick))]
+    todo = cases(args.models or models, args.tokens or tokens, args.sparsity or sparsities, args.mixes or mixes,
+                 None if args.models else projs)
     peak = copy_bandwidth(device, args.budget)
     print(f"lcdd bench {SUITE}: {len(todo)} shapes x {len(args.providers)} providers on "
           f"{common.device_name(device)}, {dtype}; copy bandwidth {peak:.1f} GB/s")
