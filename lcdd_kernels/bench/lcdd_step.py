@@ -10,7 +10,9 @@ Qwen3-0.6B shape (CPU: 4 decoder layers; GPU: all 28), batch 4×256 tokens by de
   the L0 penalty in the loss, AdamW on W and SGD on θ;
 * ``lcdd``: :func:`lcdd_kernels.apply_lcdd`; the penalty's gradient is added after backward.
 
-Reported per provider: step time (median, p20–p80), tokens/s, peak memory (the tensors held —
+All providers are built side by side and timed in interleaved rounds (one step of each per round),
+so that a shared machine's drifting load slows them alike. Reported per provider: step time
+(median, p20–p80), tokens/s, peak memory (the tensors held —
 weights, frozen base, masks, optimizer state — plus the step's high-water mark), and ratios to
 plain-sft. Targets (issue 3): step time ≤ 1.1× plain-sft; peak ≤ plain-sft + one copy of the
 projection weights + 5% of plain-sft's peak.
@@ -18,7 +20,7 @@ projection weights + 5% of plain-sft's peak.
 
 from __future__ import annotations
 
-import gc
+import time
 
 import torch
 from torch import nn
@@ -157,18 +159,52 @@ def prepare(case: dict, provider: str, device: str, dtype: str) -> common.Prepar
                            info={"tokens": case["batch"] * case["seq"]})
 
 
-def measure(case: dict, provider: str, device: str, dtype: str, budget_s: float, memory: bool) -> dict:
-    prep = prepare(case, provider, device, dtype)
-    out = {**prep.info, "weight_bytes": prep.weight_bytes, "state_bytes": prep.state_bytes()}
-    out.update(common.time_call(prep.forward, device, prep.params, budget_s=budget_s, min_reps=3))
-    out["tokens_per_s"] = out["tokens"] / (out["ms_median"] / 1e3)
-    out.update(call_peak_bytes=None, peak_bytes=None, memory_method=None)
-    if memory:
+def _time_interleaved(preps: dict[str, common.Prepared], device: str, budget_s: float, min_reps: int = 3,
+                      max_reps: int = 50) -> dict[str, dict]:
+    """Step times of every provider, measured in rounds (one step of each per round) so that a
+    machine whose load drifts over minutes slows every provider alike. Median and p20/p80 in ms."""
+    dev = torch.device(device)
+    times: dict[str, list[float]] = {p: [] for p in preps}
+    start = time.perf_counter()
+    while len(next(iter(times.values()))) < min_reps or (
+            time.perf_counter() - start < budget_s and len(next(iter(times.values()))) < max_reps):
+        for name, prep in preps.items():
+            common.zero_grads(prep.params)
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            prep.forward()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    out = {}
+    for name, ts in times.items():
+        q = torch.tensor(ts, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+        out[name] = {"ms_median": q[0].item(), "ms_p20": q[1].item(), "ms_p80": q[2].item(), "reps": len(ts),
+                     "timing": "interleaved rounds"}
+    return out
+
+
+def measure(case: dict, providers, device: str, dtype: str, budget_s: float, memory: bool) -> dict[str, dict]:
+    """Every provider prepared side by side, timed in interleaved rounds, then each one's peak memory."""
+    preps, out = {}, {}
+    for p in providers:
+        try:
+            preps[p] = prepare(case, p, device, dtype)
+        except Exception as e:  # one failing provider must not lose the others
+            out[p] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    for p, prep in preps.items():
+        out[p] = {**prep.info, "weight_bytes": prep.weight_bytes, "state_bytes": prep.state_bytes()}
+    for p, t in _time_interleaved(preps, device, budget_s).items():
+        out[p].update(t, tokens_per_s=out[p]["tokens"] / (t["ms_median"] / 1e3),
+                      call_peak_bytes=None, peak_bytes=None, memory_method=None)
+    if memory and preps:
         if torch.device(device).type != "cuda" and not common.hwm_reset_works():
             raise RuntimeError("peak memory needs a resettable VmHWM (Linux); rerun with --no-memory")
-        out["call_peak_bytes"] = common.call_peak_bytes(prep.forward, device, prep.params, tries=1)
-        out["memory_method"] = "max_memory_allocated" if torch.device(device).type == "cuda" else "VmHWM"
-        out["peak_bytes"] = out["state_bytes"] + out["call_peak_bytes"]
+        for p, prep in preps.items():
+            out[p]["call_peak_bytes"] = common.call_peak_bytes(prep.forward, device, prep.params, tries=1)
+            out[p]["memory_method"] = "max_memory_allocated" if torch.device(device).type == "cuda" else "VmHWM"
+            out[p]["peak_bytes"] = out[p]["state_bytes"] + out[p]["call_peak_bytes"]
     return out
 
 
@@ -203,8 +239,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
     device, dtype = common.resolve_device_dtype(args)
     providers = [p for p in args.providers.split(",") if p]
     bad = [p for p in providers if p not in PROVIDERS]
@@ -219,19 +253,11 @@ def run(args) -> int:
             "layers": layers, "batch": args.batch, "seq": args.seq}
     print(f"lcdd bench {SUITE}: {case['group']} on {common.device_name(device)}, {dtype_name}")
     st = common.stamp(device, dtype)
-    rows = []
-    for provider in tqdm(providers, desc=f"bench {SUITE}", unit="provider"):
-        try:
-            measured = measure(case, provider, device, dtype_name, args.budget, not args.no_memory)
-        except Exception as e:  # one failing provider must not lose the others
-            measured = {"error": f"{type(e).__name__}: {e}"[:500]}
-        rows.append(common.make_row(SUITE, st, case, provider, "step", **measured))
-        gc.collect()
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
-        common.add_ratios(rows, BASELINE)
-        if results is not None:
-            results.write(rows)
+    measured = measure(case, providers, device, dtype_name, args.budget, not args.no_memory)
+    rows = [common.make_row(SUITE, st, case, p, "step", **measured[p]) for p in providers]
+    common.add_ratios(rows, BASELINE)
+    if results is not None:
+        results.write(rows)
     print(common.format_table(rows, COLUMNS))
     print()
     checks = common.check_targets(rows, TARGETS)
