@@ -275,7 +275,9 @@ def train_sft(model, data, tokenizer=None, out_dir=None, config: TrainConfig | N
               resume: bool = False, freeze_embeddings: bool = True, **overrides) -> TrainResult:
     """Phase 1: plain full SFT of ``model`` (in place) on ``data`` (JSONL path, raw or tokenized
     examples). Defaults from the authors' recipe: 3 epochs, AdamW lr 2e-5. Embeddings and lm_head are
-    frozen unless ``freeze_embeddings=False``. Saves the model (and tokenizer) into ``out_dir/model``."""
+    frozen unless ``freeze_embeddings=False``: phase 2 holds them at the base values (SPEC §3), so
+    what phase 1 would change there is dropped; frozen, phase 2 starts from exactly the SFT model.
+    Saves the model (and tokenizer) into ``out_dir/model``."""
     cfg = _config(config, overrides, epochs=3.0)
     out, ckpt = _prepare_out_dir(out_dir, resume)
     examples = as_examples(data, tokenizer, cfg.max_length, cfg.train_on_prompt)
