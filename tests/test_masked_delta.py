@@ -165,3 +165,37 @@ def test_masks_may_have_another_float_dtype():
     y = L.masked_delta_linear(x, w, base, r64, c, b, backend="torch")
     y.sum().backward()
     assert y.dtype == torch.float32 and r64.grad.dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_torch_backend_many_blocks(monkeypatch, dtype):
+    # Force row and column blocking on small shapes: every block boundary path, in fp32 and fp16.
+    import lcdd_kernels.ops.masked_delta as md
+
+    monkeypatch.setattr(md, "_SINGLE_BLOCK_NUMEL", 256)
+    assert len(md._row_blocks(70, 50)) > 4 and len(md._row_blocks(50, 70)) > 4
+    check_linear("torch", dtype, (13,), 50, 70)
+    args = [a.to(dtype) for a in make_swiglu((11,), 50, 70, "soft")]
+    ref_out, ref_grads = run(masked_delta_swiglu_ref, args, SWI_GRADS, torch.float64, "cpu")
+    low_out, low_grads = run(L.masked_delta_swiglu, args, SWI_GRADS, dtype, "cpu", "reference")
+    out, grads = run(L.masked_delta_swiglu, args, SWI_GRADS, dtype, "cpu", "torch")
+    assert_close("h", out, ref_out, low_out, dtype)
+    for name, g, rg, lg in zip(SWI_NAMES, grads, ref_grads, low_grads):
+        assert_close(f"d{name}", g, rg, lg, dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_swiglu_backward_reuses_its_buffer_only_when_the_graph_is_dropped(backend):
+    args = [a.to(DEVICE) for a in make_swiglu((5,), 12, 20, "soft")]
+    for i in SWI_GRADS:
+        args[i].requires_grad_(True)
+    h = L.masked_delta_swiglu(*args, backend=backend)
+    h.sum().backward(retain_graph=True)
+    first = [args[i].grad.clone() for i in SWI_GRADS]
+    for i in SWI_GRADS:
+        args[i].grad = None
+    h.sum().backward()  # the saved (g, u) buffer survived the retained backward
+    for a, i in zip(first, SWI_GRADS):
+        assert torch.equal(a, args[i].grad)
+    with pytest.raises(RuntimeError):  # and was consumed by the last one, as PyTorch reports
+        h.sum().backward()

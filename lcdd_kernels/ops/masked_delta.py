@@ -52,13 +52,16 @@ def masked_delta_swiglu_ref(x, gate_weight, gate_base, up_weight, up_base, hidde
 # Torch backend: same math, lean memory. W_eff exists only one row block at a time.
 # ---------------------------------------------------------------------------------------------
 
-#: Below this many weight elements a single block is used (the transient is small anyway).
-_SINGLE_BLOCK_NUMEL = 1 << 20
-#: Otherwise the weight is processed in this many row blocks (transient ≈ 1/_BLOCKS of a weight).
+#: Up to this many weight elements a single block is used. Above it the weight is processed in
+#: _BLOCKS row (or column) blocks so that the transient W_eff block is ~1/16 of a weight: measured
+#: on CPU (lcdd bench training), a 1024×1024 projection at the old 2^20 threshold kept a whole
+#: extra W_eff alive (+2.0 weight copies over dense instead of +1.07).
+_SINGLE_BLOCK_NUMEL = 1 << 16
 _BLOCKS = 16
 
 
 def _row_blocks(n: int, k: int):
+    """Blocks of ``n`` (rows of an n×k weight) whose W_eff slices stay ~1/_BLOCKS of the weight."""
     if n * k <= _SINGLE_BLOCK_NUMEL:
         return [(0, n)]
     step = max(1, math.ceil(n / _BLOCKS))
@@ -66,46 +69,55 @@ def _row_blocks(n: int, k: int):
     return [(s, min(n, s + step)) for s in range(0, n, step)]
 
 
-def _weff_block(weight, base, r, c, s, e):
-    """W_eff[s:e] in the weight's dtype, as one fresh block."""
-    blk = weight[s:e] - base[s:e]
-    blk.mul_(r[s:e, None]).mul_(c[None, :])
-    return blk.add_(base[s:e])
-
-
-def _forward_into(y2, x2, weight, base, r, c):
-    for s, e in _row_blocks(*weight.shape):
-        torch.mm(x2, _weff_block(weight, base, r, c, s, e).t(), out=y2[:, s:e])
-
-
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: fp32 for half types, never below the inputs' own (float64 stays float64)."""
     return torch.promote_types(dtype, torch.float32)
 
 
-def _backward_blocks(g2, x2, weight, base, r, c, need, dx):
-    """Accumulate one projection's gradients, block by block.
+def _weff_block(weight, base, r, c, rows=slice(None), cols=slice(None), out=None):
+    """W_eff[rows, cols] in the weight's dtype, as one fresh block (or written into ``out``)."""
+    w, b = weight[rows, cols], base[rows, cols]
+    blk = torch.sub(w, b, out=out)
+    blk.mul_(r[rows, None]).mul_(c[None, cols])
+    return blk.add_(b)
 
-    ``need`` = (dx, dW, dr, dc) flags; ``dx`` (T, K) is accumulated into when given.
-    Returns (dW, dr, dc), each None when not needed.
+
+def _forward_into(y2, x2, weight, base, r, c):
+    for s, e in _row_blocks(*weight.shape):
+        torch.mm(x2, _weff_block(weight, base, r, c, rows=slice(s, e)).t(), out=y2[:, s:e])
+
+
+def _dx_into(dx, g2, pairs, r, c):
+    """``dx = Σ_i G_i · W_eff_i`` for projections sharing masks, ``g2`` (T, P·N) holding the G_i
+    side by side. Column blocks of K: every block of dx is one GEMM over all P·N rows, rounded
+    once (summing per-row-block partial products would round fp16/bf16 once per block)."""
+    n, k = pairs[0][0].shape
+    for s, e in _row_blocks(k, len(pairs) * n):  # the same blocking, over columns
+        blk = g2.new_empty(len(pairs) * n, e - s)
+        for i, (w, b) in enumerate(pairs):
+            _weff_block(w, b, r, c, cols=slice(s, e), out=blk[i * n:(i + 1) * n])
+        torch.mm(g2, blk, out=dx[:, s:e])
+
+
+def _param_grads(g2, x2, weight, base, r, c, need):
+    """One projection's (dW, dr, dc) in row blocks; ``need`` = (dW, dr, dc) flags, None when unneeded.
+
+    ``P = Gᵀ X`` is written straight into dW's storage block by block; the mask reductions use
+    ``Q = P ⊙ (W − B)`` in at least fp32, one block at a time.
     """
-    need_dx, need_dw, need_dr, need_dc = need
+    need_dw, need_dr, need_dc = need
     n, k = weight.shape
-    dw = torch.empty_like(weight) if need_dw else None
     acc = _acc_dtype(weight.dtype)
+    dw = torch.empty_like(weight) if need_dw else None
     dr = torch.empty(n, dtype=acc, device=weight.device) if need_dr else None
     dc = torch.zeros(k, dtype=acc, device=weight.device) if need_dc else None
-    need_p = need_dw or need_dr or need_dc
+    if not (need_dw or need_dr or need_dc):
+        return dw, dr, dc
     for s, e in _row_blocks(n, k):
         gb = g2[:, s:e]
-        if need_dx:
-            dx.addmm_(gb, _weff_block(weight, base, r, c, s, e))
-        if not need_p:
-            continue
-        # P = Gᵀ X for this row block, written straight into dW's storage when dW is wanted.
         p = torch.mm(gb.t(), x2, out=dw[s:e]) if need_dw else gb.t() @ x2
         if need_dr or need_dc:
-            q = (weight[s:e].to(acc) - base[s:e].to(acc)).mul_(p)  # Q = P ⊙ (W − B), in ≥ fp32
+            q = (weight[s:e].to(acc) - base[s:e].to(acc)).mul_(p)
             if need_dr:
                 dr[s:e] = q @ c.to(acc)
             if need_dc:
@@ -136,8 +148,11 @@ class _MaskedDeltaLinearTorch(torch.autograd.Function):
         k, n = x.shape[-1], weight.shape[0]
         x2 = x.reshape(-1, k)
         g2 = gy.reshape(-1, n).to(x.dtype)
-        dx = torch.zeros_like(x2) if nx else None
-        dw, dr, dc = _backward_blocks(g2, x2, weight, base, r, c, (nx, nw, nr, nc), dx)
+        dx = None
+        if nx:
+            dx = x2.new_empty(x2.shape)
+            _dx_into(dx, g2, [(weight, base)], r, c)
+        dw, dr, dc = _param_grads(g2, x2, weight, base, r, c, (nw, nr, nc))
         db = g2.sum(0) if (nb and ctx.has_bias) else None
         return (
             dx.view(x.shape) if nx else None,
@@ -149,19 +164,41 @@ class _MaskedDeltaLinearTorch(torch.autograd.Function):
         )
 
 
-def _swiglu_grads(dh, g, u):
-    """d/dg and d/du of silu(g) * u, computed in (at least) fp32 and returned in g's dtype."""
-    acc = _acc_dtype(g.dtype)
-    gf, uf, dhf = g.to(acc), u.to(acc), dh.to(acc)
-    sg = torch.sigmoid(gf)
-    du = dhf * gf * sg
-    dg = dhf * uf * sg * (1 + gf * (1 - sg))
-    return dg.to(g.dtype), du.to(g.dtype)
+#: Rows of fp32 temporaries per chunk in the SwiGLU gradient (bounds them to ~4 MiB each).
+_SWIGLU_CHUNK_ELEMS = 1 << 20
+
+
+def _swiglu_grads_into(dgu, dh, gu):
+    """``dgu[:, 0], dgu[:, 1] = ∂/∂g, ∂/∂u`` of ``silu(g) ⊙ u`` with ``gu`` (T, 2, F) holding g, u.
+
+    Computed in (at least) fp32, in row chunks; ``dgu`` may be ``gu`` itself (each chunk is read
+    whole before it is written), which is how backward avoids a second (T, 2, F) buffer.
+    """
+    t, _, f = gu.shape
+    acc = _acc_dtype(gu.dtype)
+    step = max(1, _SWIGLU_CHUNK_ELEMS // max(f, 1))
+    for s in range(0, t, step):
+        e = min(t, s + step)
+        g, u, d = gu[s:e, 0].to(acc), gu[s:e, 1].to(acc), dh[s:e].to(acc)
+        sg = torch.sigmoid(g)
+        du = d * g * sg
+        dg = d * u * sg * (1 + g * (1 - sg))
+        dgu[s:e, 0] = dg
+        dgu[s:e, 1] = du
+
+
+def _graph_is_kept() -> bool:
+    """True when this backward runs with retain_graph (saved tensors must then stay intact).
+    Unknown (an older torch without the query) counts as kept: never overwrite by guess."""
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
 
 
 class _MaskedDeltaSwiGLUTorch(torch.autograd.Function):
     """silu(x·Wg_effᵀ) ⊙ (x·Wu_effᵀ). Saves x, the weights and the two pre-activations g, u:
-    one buffer (T, 2, F) holds both, and silu(g) is recomputed in backward instead of saved."""
+    one buffer (T, 2, F) holds both, and silu(g) is recomputed in backward instead of saved.
+    Backward writes ∂g, ∂u over that buffer when the graph is not retained (as Liger-Kernel does),
+    so the MLP's backward holds one activation-sized buffer fewer than dense's."""
 
     @staticmethod
     def forward(ctx, x, wg, bg, wu, bu, r, c):
@@ -180,10 +217,14 @@ class _MaskedDeltaSwiGLUTorch(torch.autograd.Function):
         nx, nwg, _, nwu, _, nr, nc = ctx.needs_input_grad
         k, f = x.shape[-1], wg.shape[0]
         x2 = x.reshape(-1, k)
-        dg, du = _swiglu_grads(dh.reshape(-1, f), gu[:, 0], gu[:, 1])
-        dx = torch.zeros_like(x2) if nx else None
-        dwg, drg, dcg = _backward_blocks(dg, x2, wg, bg, r, c, (nx, nwg, nr, nc), dx)
-        dwu, dru, dcu = _backward_blocks(du, x2, wu, bu, r, c, (nx, nwu, nr, nc), dx)
+        dgu = torch.empty_like(gu) if _graph_is_kept() else gu
+        _swiglu_grads_into(dgu, dh.reshape(-1, f), gu)
+        dx = None
+        if nx:
+            dx = x2.new_empty(x2.shape)
+            _dx_into(dx, dgu.view(-1, 2 * f), [(wg, bg), (wu, bu)], r, c)
+        dwg, drg, dcg = _param_grads(dgu[:, 0], x2, wg, bg, r, c, (nwg, nr, nc))
+        dwu, dru, dcu = _param_grads(dgu[:, 1], x2, wu, bu, r, c, (nwu, nr, nc))
         return (
             dx.view(x.shape) if nx else None,
             dwg,

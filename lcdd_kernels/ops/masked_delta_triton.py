@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .masked_delta import _row_blocks
+from .masked_delta import _graph_is_kept, _row_blocks
 
 __all__ = ["masked_delta_linear", "masked_delta_swiglu", "choose_design", "DESIGNS", "FUSED_MAX_TOKENS"]
 
@@ -354,10 +354,10 @@ def _swiglu_forward(gu, h):
                                                  num_warps=_ELEM_WARPS)
 
 
-def _swiglu_backward(dh, gu):
-    """(T, 2, F) gradients with respect to g and u, from dh (T, F) and gu (T, 2, F)."""
+def _swiglu_backward(dh, gu, dgu):
+    """dgu (T, 2, F) ← gradients with respect to g and u, from dh (T, F) and gu (T, 2, F).
+    ``dgu`` may be ``gu``: every program reads its tile of g and u before writing the same tile."""
     t, _, f = gu.shape
-    dgu = torch.empty_like(gu)
     if t:
         _swiglu_backward_kernel[_elem_grid(t, f)](dh, gu, dgu, t, f, dh.stride(0), dh.stride(1),
                                                   BLOCK_T=_ELEM_BLOCK[0], BLOCK_F=_ELEM_BLOCK[1],
@@ -561,7 +561,9 @@ class MaskedDeltaSwiGLUFunction(torch.autograd.Function):
         k, f = x.shape[-1], wg.shape[0]
         x2 = x.reshape(-1, k)
         pairs = [(wg.contiguous(), bg.contiguous()), (wu.contiguous(), bu.contiguous())]
-        dgu = _swiglu_backward(dh.reshape(-1, f), gu)
+        # Over the saved buffer unless the graph is retained: one (T, 2, F) buffer fewer at the
+        # MLP's backward peak (measured: +1.37 → +1.12 weight copies for Qwen3's SwiGLU, T=256).
+        dgu = _swiglu_backward(dh.reshape(-1, f), gu, torch.empty_like(gu) if _graph_is_kept() else gu)
         dx = impl.dx(dgu, pairs, r, c).view(x.shape) if nx else None
         dwg, drg, dcg = impl.dw(dgu[:, 0], x2, *pairs[0], r, c, nwg, nr, nc)
         dwu, dru, dcu = impl.dw(dgu[:, 1], x2, *pairs[1], r, c, nwu, nr, nc)
