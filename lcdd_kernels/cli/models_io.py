@@ -55,6 +55,8 @@ def load_base(args):
     if args.tiny:
         from ..models.tiny import tiny_model, tiny_tokenizer
 
+        torch.set_num_threads(1)  # a tiny model gains nothing from threads and loses much on a busy machine
+
         model = tiny_model(args.tiny, seed=0, dtype=getattr(torch, args.dtype)).to(device(args))
         model.config._name_or_path = f"lcdd-tiny-{args.tiny}"
         return model, tiny_tokenizer()

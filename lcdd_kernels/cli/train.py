@@ -11,8 +11,9 @@ def register(sub) -> None:
     p = sub.add_parser("train-sft", help="phase 1: plain full SFT of a base model (writes OUT/model)")
     io.add_model_args(p, "base model to fine-tune")
     io.add_train_args(p, epochs=3.0, lr=2e-5)
-    p.add_argument("--train-embeddings", action="store_true",
-                   help="also train embeddings and lm_head (LCDD resets them to the base values anyway)")
+    p.add_argument("--train-all", action="store_true",
+                   help="train every parameter (default: the projection weights only; LCDD resets the "
+                        "others to the base values)")
     p.set_defaults(func=run_sft)
 
     p = sub.add_parser("train-lcdd", help="phase 2: LCDD masks + weights under the loss budget (writes OUT/carrier)")
@@ -35,7 +36,7 @@ def run_sft(args) -> int:
     if args.tiny:
         model = copy.deepcopy(model)  # the tiny base stays reproducible from its seed; train a copy
     res = train_sft(model, io.load_data(args), tok, out_dir=args.out, config=io.train_config(args),
-                    resume=args.resume, freeze_embeddings=not args.train_embeddings)
+                    resume=args.resume, train="all" if args.train_all else "projections")
     last = res.log[-1] if res.log else {}
     print(f"SFT done: {last.get('step', 0)} steps, final task loss {last.get('task_loss', float('nan')):.4f}; "
           f"model in {res.out_dir / 'model'}, curves in {res.out_dir / 'curves.png'}")

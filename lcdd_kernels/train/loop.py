@@ -272,19 +272,27 @@ def _pad_id(tokenizer, model) -> int:
 
 
 def train_sft(model, data, tokenizer=None, out_dir=None, config: TrainConfig | None = None,
-              resume: bool = False, freeze_embeddings: bool = True, **overrides) -> TrainResult:
-    """Phase 1: plain full SFT of ``model`` (in place) on ``data`` (JSONL path, raw or tokenized
-    examples). Defaults from the authors' recipe: 3 epochs, AdamW lr 2e-5. Embeddings and lm_head are
-    frozen unless ``freeze_embeddings=False``: phase 2 holds them at the base values (SPEC §3), so
-    what phase 1 would change there is dropped; frozen, phase 2 starts from exactly the SFT model.
+              resume: bool = False, train: str = "projections", **overrides) -> TrainResult:
+    """Phase 1: SFT of ``model`` (in place) on ``data`` (JSONL path, raw or tokenized examples).
+    Defaults from the authors' recipe: 3 epochs, AdamW lr 2e-5.
+
+    ``train="projections"`` (default) trains the q/k/v/o and gate/up/down weights and freezes the
+    rest; ``train="all"`` trains every parameter (plain full SFT). Phase 2 holds everything but the
+    projection weights at the base values (embeddings and lm_head per SPEC §3; norms and biases so
+    that the carrier reproduces the LCDD model exactly), so what phase 1 changes there is dropped
+    when LCDD starts; training projections only makes phase 2 start from exactly the SFT model.
     Saves the model (and tokenizer) into ``out_dir/model``."""
+    if train not in ("projections", "all"):
+        raise ValueError(f"train must be 'projections' or 'all', got {train!r}")
     cfg = _config(config, overrides, epochs=3.0)
     out, ckpt = _prepare_out_dir(out_dir, resume)
     examples = as_examples(data, tokenizer, cfg.max_length, cfg.train_on_prompt)
-    if freeze_embeddings:
-        for mod in (model.get_input_embeddings(), model.get_output_embeddings()):
-            if mod is not None:
-                mod.weight.requires_grad_(False)
+    if train == "projections":
+        from ..models.families import module_paths
+
+        proj = {f"{path}.weight" for _, _, path in module_paths(model)}
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in proj)
     log = _run(model, examples, cfg, out, ckpt, pad_id=_pad_id(tokenizer, model), desc="sft")
     if out is not None and _rank_world() == (0, 1):
         model.save_pretrained(out / "model")
