@@ -3,6 +3,7 @@ computes the same loss and gradients as apply_lcdd for the same masks."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import lcdd_kernels as L
@@ -13,8 +14,15 @@ from lcdd_kernels.models.tiny import tiny_model
 from .helpers import assert_close
 
 
-def test_parametrize_provider_equals_lcdd():
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
     torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_parametrize_provider_equals_lcdd():
     ids = torch.randint(3, 90, (2, 9), generator=torch.Generator().manual_seed(0))
     a = tiny_model("qwen3", seed=1, dtype=torch.float64)
     masks = _parametrize(a, _base_state(tiny_model("qwen3", seed=1, dtype=torch.float64)))
