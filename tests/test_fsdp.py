@@ -6,7 +6,6 @@ of the two ranks' losses is the single process's loss and FSDP2's gradient avera
 
 from __future__ import annotations
 
-import os
 import sys
 
 import pytest
@@ -68,11 +67,15 @@ def _worker(rank, world, init_file, out):
         dist.destroy_process_group()
 
 
-def test_fsdp2_two_ranks_match_single_process(tmp_path):
+def test_fsdp2_two_ranks_match_single_process(tmp_path, monkeypatch):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    single = _run(*_setup()[1:])
+    try:
+        single = _run(*_setup()[1:])
+    finally:
+        torch.set_num_threads(threads)
     out = tmp_path / "rank0.pt"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the spawned ranks inherit it
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
     sharded = torch.load(out, weights_only=True)
     assert sharded["losses"] == pytest.approx(single["losses"], rel=1e-5)
