@@ -52,3 +52,24 @@ def test_user_errors(tmp_path, capsys):
     assert main(["train-sft", "--base", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     with pytest.raises(SystemExit):
         main(["train-sft", "--tiny", "gpt2", "--out", str(tmp_path / "o")])
+
+
+def test_extract_from_authors_theta(tmp_path, capsys):
+    """lcdd extract --theta on the authors' l0_masks.pt (their saved model holds W_eff merged)."""
+    from lcdd_kernels.models.families import Dims
+    from lcdd_kernels.models.tiny import tiny_model, tiny_tokenizer
+
+    sft = tiny_model("llama", seed=1)
+    sft.save_pretrained(tmp_path / "their-run")
+    tiny_tokenizer().save_pretrained(tmp_path / "their-run")
+    n = Dims.from_config(sft).num_masks
+    theta = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    torch.save({"theta": theta}, tmp_path / "their-run" / "l0_masks.pt")
+    (tmp_path / "their-run" / "l0_config.json").write_text(json.dumps({"n_masks": n}))
+    assert main(["extract", "--tiny", "llama", "--model", str(tmp_path / "their-run"), "--theta",
+                 str(tmp_path / "their-run"), "--out", str(tmp_path / "c"), "--carrier-dtype", "bfloat16"]) == 0
+    from lcdd_kernels import load_carrier
+
+    c = load_carrier(tmp_path / "c")
+    assert c.dtype == torch.bfloat16 and torch.equal(c.theta, theta)
+    assert c.stats()["overall"]["active"] == int((theta > 0).sum())

@@ -229,3 +229,12 @@ def test_trainer_callback_matches_own_loop(tmp_path, capsys):
     assert torch.allclose(handle.flat_theta(), own.handle.flat_theta(), atol=1e-5)
     assert not sft._forward_hooks  # removed at train end
     assert math.isfinite(cb.controller.ema)
+
+
+def test_bf16_autocast_and_checkpointing_in_the_loop():
+    sft, base = tiny_model("mistral", seed=1), tiny_model("mistral", seed=0)
+    res = train_lcdd(sft, base, _examples(), max_steps=2, batch_size=4, bf16=True, gradient_checkpointing=True,
+                     controller=DualController(**CTL), progress=False)
+    assert all(math.isfinite(r["task_loss"]) for r in res.log)
+    assert all(m.weight.dtype == torch.float32 for m in res.handle.modules.values())
+    assert all(getattr(layer, "gradient_checkpointing", False) for layer in L.decoder_layers(sft))
