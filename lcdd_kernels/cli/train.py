@@ -8,7 +8,7 @@ from . import models_io as io
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train-sft", help="phase 1: plain full SFT of a base model (writes OUT/model)")
+    p = sub.add_parser("train-sft", help="phase 1: SFT of a base model's projections, or all of it (writes OUT/model)")
     io.add_model_args(p, "base model to fine-tune")
     io.add_train_args(p, epochs=3.0, lr=2e-5)
     p.add_argument("--train-all", action="store_true",
