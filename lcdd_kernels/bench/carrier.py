@@ -387,19 +387,4 @@ def run(args) -> int:
     if cpu:
         retime_cpu(rows, todo, args.providers, device, dtype, options, args.budget)
     add_bandwidth(rows, peak)
-    print(common.format_table(rows, COLUMNS))
-    print()
-    checks = common.check_targets(rows, TARGETS)
-    print(common.format_targets(checks))
-    if results is not None:
-        results.write(rows, checks)
-        print(f"wrote {len(rows)} rows to {results.path}")
-    if args.plot:
-        from .plot import plot_rows
-
-        print(f"wrote {plot_rows(rows, args.plot)}")
-    failed = [r for r in rows if "error" in r]
-    if failed:
-        print(f"{len(failed)} of {len(rows)} measurements failed (see the error column)")
-        return 1
-    return 0
+    return common.report(rows, TARGETS, results, args.plot, COLUMNS)

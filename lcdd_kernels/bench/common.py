@@ -681,3 +681,24 @@ def open_results(args) -> ResultsFile | None:
     if args.plot and Path(args.plot).exists() and not args.force:
         raise FileExistsError(f"{args.plot} exists; pass --force to replace it")
     return ResultsFile(args.out, force=args.force, append=args.append) if args.out else None
+
+
+def report(rows: list[dict], targets: Sequence[Target], results: ResultsFile | None, plot: str | None = None,
+           columns: Sequence[tuple[str, Callable[[dict], str]]] = COLUMNS) -> int:
+    """Every suite's ending: the table, the targets as pass/miss, the results file, the plot.
+    Returns the command's exit status: 1 when any measurement failed (its row has ``error``)."""
+    print(format_table(rows, columns))
+    print()
+    checks = check_targets(rows, targets)
+    print(format_targets(checks))
+    if results is not None:
+        results.write(rows, checks)
+        print(f"wrote {len(rows)} rows to {results.path}")
+    if plot:
+        from .plot import plot_rows
+
+        print(f"wrote {plot_rows(rows, plot)}")
+    failed = [r for r in rows if "error" in r]
+    if failed:
+        print(f"{len(failed)} of {len(rows)} measurements failed (see the error column)")
+    return 1 if failed else 0

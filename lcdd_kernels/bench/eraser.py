@@ -319,12 +319,4 @@ def run(args) -> int:
         ("x base", lambda r: common._f(r.get("cost_vs_baseline"), "{:.3f}")),
         ("steps/s", lambda r: common._f(r.get("steps_per_s"), "{:.2f}")),
     ] + common.COLUMNS[6:7] + common.COLUMNS[-1:]
-    print(common.format_table(rows, columns))
-    print()
-    checks = common.check_targets(rows, TARGETS)
-    print(common.format_targets(checks))
-    if results is not None:
-        results.write(rows, checks)
-        print(f"wrote {len(rows)} rows to {results.path}")
-    failed = [r for r in rows if "error" in r]
-    return 1 if failed else 0
+    return common.report(rows, TARGETS, results, columns=columns)

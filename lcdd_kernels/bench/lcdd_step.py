@@ -256,17 +256,4 @@ def run(args) -> int:
     measured = measure(case, providers, device, dtype_name, args.budget, not args.no_memory)
     rows = [common.make_row(SUITE, st, case, p, "step", **measured[p]) for p in providers]
     common.add_ratios(rows, BASELINE)
-    if results is not None:
-        results.write(rows)
-    print(common.format_table(rows, COLUMNS))
-    print()
-    checks = common.check_targets(rows, TARGETS)
-    print(common.format_targets(checks))
-    if results is not None:
-        results.write(rows, checks)
-        print(f"wrote {len(rows)} rows to {results.path}")
-    if args.plot:
-        from .plot import plot_rows
-
-        print(f"wrote {plot_rows(rows, args.plot)}")
-    return 1 if any("error" in r for r in rows) else 0
+    return common.report(rows, TARGETS, results, args.plot, COLUMNS)

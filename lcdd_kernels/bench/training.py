@@ -298,19 +298,4 @@ def run(args) -> int:
     rows = common.run_matrix(SUITE, PREPARE, todo, args.providers, args.modes, device, dtype, BASELINE,
                              options={"backend": args.lcdd_backend}, budget_s=args.budget,
                              memory=not args.no_memory, results=results)
-    print(common.format_table(rows))
-    print()
-    checks = common.check_targets(rows, TARGETS)
-    print(common.format_targets(checks))
-    if results is not None:
-        results.write(rows, checks)
-        print(f"wrote {len(rows)} rows to {results.path}")
-    if args.plot:
-        from .plot import plot_rows
-
-        print(f"wrote {plot_rows(rows, args.plot)}")
-    failed = [r for r in rows if "error" in r]
-    if failed:
-        print(f"{len(failed)} of {len(rows)} measurements failed (see the error column)")
-        return 1
-    return 0
+    return common.report(rows, TARGETS, results, args.plot)
