@@ -16,16 +16,6 @@ from lcdd_kernels.ops.masked_delta import masked_delta_linear_ref, masked_delta_
 
 from .helpers import assert_close
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny ops on a busy machine: one thread avoids OpenMP waits (and --threads in the CLI tests
-    sets the process-wide count, restored here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 TINY_LINEAR = {"group": "tiny 24x16 T=8", "op": "linear", "model": "tiny", "proj": "x", "T": 8, "N": 24, "K": 16}
 TINY_SWIGLU = {"group": "tiny swiglu T=8", "op": "swiglu", "model": "tiny", "proj": "gate+up", "T": 8, "N": 24, "K": 16}
 MIB = 1 << 20

@@ -3,7 +3,6 @@ computes the same loss and gradients as apply_lcdd for the same masks."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 import lcdd_kernels as L
@@ -12,14 +11,6 @@ from lcdd_kernels.models.families import GROUPS
 from lcdd_kernels.models.tiny import tiny_model
 
 from .helpers import assert_close
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_parametrize_provider_equals_lcdd():

@@ -17,14 +17,6 @@ from lcdd_kernels.models.tiny import tiny_model
 BACKENDS = ["torch", "triton"] + (["cpp"] if _backend.native_available() else [])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: threads only add contention
-    yield
-    torch.set_num_threads(n)
-
-
 def _carrier(family, sft_seed, base_seed=0, dtype=torch.float32):
     handle = apply_lcdd(tiny_model(family, seed=sft_seed, dtype=dtype), tiny_model(family, seed=base_seed, dtype=dtype),
                         seed=sft_seed, init_mean=0.0, init_std=1.0)

@@ -17,14 +17,6 @@ from lcdd_kernels.models.tiny import TINY, tiny_model
 from .helpers import assert_close
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _lcdd(family="llama", dtype=torch.float64, seed=0):
     sft, base = tiny_model(family, seed=1, dtype=dtype), tiny_model(family, seed=0, dtype=dtype)
     n = Dims.from_config(sft).num_masks

@@ -11,14 +11,6 @@ import torch
 from lcdd_kernels.cli import main
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_tiny_pipeline(tmp_path, capsys):
     sft, run = tmp_path / "sft", tmp_path / "lcdd"
     assert main(["train-sft", "--tiny", "qwen3", "--out", str(sft), "--max-steps", "2", "--batch-size", "4",

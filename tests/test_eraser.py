@@ -1,6 +1,5 @@
 """SFT-Eraser: the batched loss and its gradient equal SPEC §5 written one prompt at a time."""
 
-import dataclasses
 
 import pytest
 import torch

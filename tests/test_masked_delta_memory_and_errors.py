@@ -11,7 +11,7 @@ import lcdd_kernels as L
 from lcdd_kernels.ops.masked_delta import masked_delta_linear_ref
 
 from .helpers import assert_close
-from .test_masked_delta import BACKENDS, DEVICE, make_case, make_swiglu
+from .test_masked_delta import DEVICE, make_case, make_swiglu
 
 
 def saved_non_input_tensors(fn, inputs):

@@ -21,15 +21,6 @@ from .lcdd_reference import SpecLCDD, group_lengths, projection_names
 FAMILIES = list(TINY)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny models: threads only add contention (other suites share the cores).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _pair(family, dtype=torch.float64):
     """(sft, base, reference-plain) tiny models: SFT and base differ everywhere."""
     return (tiny_model(family, seed=1, dtype=dtype), tiny_model(family, seed=0, dtype=dtype),

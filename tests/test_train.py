@@ -21,14 +21,6 @@ from .lcdd_reference import SpecLCDD
 CTL = dict(warmup_steps=2, lambda_init=0.5, budget_ratio=0.05, lambda_lr=0.5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _examples(n=8, t=10, prompt=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = []
