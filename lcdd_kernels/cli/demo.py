@@ -26,15 +26,22 @@ def _prepare_out(out: Path, force: bool) -> None:
 
 def run(args) -> int:
     import torch
+    from transformers.utils import logging as hf_logging
 
     from ..demo.pipeline import preset
     from ..demo.report import summary_table
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    hf_logging.disable_progress_bar()  # one bar per phase is ours; not one per model save and load
     cfg = preset(args.budget or ("quick" if args.quick else "full"), family=args.family, seed=args.seed,
                  overrides=args.set)
+    cfg.base_from = args.base_from
     out = Path(args.out)
+    if args.base_from and Path(args.out, "base").resolve() in (Path(args.base_from).resolve(),
+                                                               *Path(args.base_from).resolve().parents):
+        raise ValueError("--base-from is inside the run that --out would replace; copy it elsewhere first "
+                         "or choose another --out")
     _prepare_out(out, args.force)
     from ..demo.pipeline import run_demo
 
@@ -62,6 +69,9 @@ def register(sub) -> None:
     p.add_argument("--family", default="qwen3", choices=("llama", "mistral", "qwen2", "qwen3"))
     p.add_argument("--out", default="demo-out", metavar="DIR", help="output directory (default demo-out/)")
     p.add_argument("--force", action="store_true", help="replace a previous run in --out")
+    p.add_argument("--base-from", default=None, metavar="DIR",
+                   help="skip phase 0: reuse the base model of an earlier run (its DIR/base; same family, "
+                        "seed and settings)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is faster when the cores are busy)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",

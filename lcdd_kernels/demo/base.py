@@ -75,7 +75,7 @@ class BaseTraining:
     batch: int = 64
     lr: float = 3e-3
     warmup: int = 50
-    prefix_max: int = 0  # up to this many random characters before each training prompt
+    prefix_max: int = 16  # up to this many random characters before each training prompt
     eval_every: int = 100
     eval_size: int = 96
     target: float = 0.97  # stop once validation exact match reaches this
@@ -104,7 +104,7 @@ def train_base(model, tokenizer, world: World, cfg: BaseTraining, seed: int = 0,
         exs = world.sample(rng, cfg.batch)
         prefixes = None
         if cfg.prefix_max:
-            prefixes = ["".join(rng.choice(world.alphabet + " ") for _ in range(rng.randint(0, cfg.prefix_max)))
+            prefixes = ["".join(rng.choice(world.alphabet) for _ in range(rng.randint(0, cfg.prefix_max)))
                         for _ in exs]
         batch = encode_batch(tokenizer, exs, prefixes)
         loss = model(**batch).loss

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import os
 import platform
 import time
@@ -38,6 +39,10 @@ class EraserSettings:
     lr: float = 3e-3
     batch_size: int = 16
     channel_kind: str = "write"
+    # Append the base model's greedy answer to each eraser prompt, so that the tail KL (tail_k)
+    # covers response positions and the channels are matched at the answer's last token (SPEC §5
+    # uses the prompt alone: its KL sees only the first response token).
+    base_answers: bool = False
 
 
 @dataclass
@@ -46,6 +51,8 @@ class DemoConfig:
     seed: int = 0
     size: ModelSize = field(default_factory=ModelSize)
     tasks: tuple[str, ...] = DEFAULT_TASKS
+    min_len: int = 3      # task inputs have min_len..max_len characters
+    max_len: int = 8
     n_train: int = 2000   # SFT prompts (phase 1 and 2 data)
     n_eraser: int = 200   # prompts the eraser optimises on
     n_heldout: int = 200  # prompts every number of the report is measured on
@@ -61,8 +68,11 @@ class DemoConfig:
     budget_ratio: float = 0.3
     lambda_init: float = 0.01
     lambda_lr: float = 0.1
+    lambda_min: float = 1e-6
+    violation_clip: float | None = None  # DualController's V (None: unclipped, SPEC's default)
     eraser: EraserSettings = field(default_factory=EraserSettings)
     max_new_tokens: int = 24
+    base_from: str | None = None  # reuse DIR/base of an earlier run (same family, seed, tasks, size)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -176,6 +186,36 @@ class Evaluator:
         }
 
 
+BASE_META = "demo_base.json"
+
+
+def _base_identity(cfg: DemoConfig) -> dict:
+    """What a base model must share with a run that reuses it: the world and the architecture."""
+    from .world import DEFAULT_ALPHABET
+
+    return {"family": cfg.family, "seed": cfg.seed, "tasks": list(cfg.tasks), "alphabet": DEFAULT_ALPHABET,
+            "lengths": [cfg.min_len, cfg.max_len],
+            "size": dataclasses.asdict(cfg.size), "phase0": dataclasses.asdict(cfg.base)}
+
+
+def load_base(cfg: DemoConfig, directory):
+    """The base model a previous demo run saved in ``directory`` (``DIR/base``), checked to belong
+    to the same world (family, seed, tasks, size)."""
+    from transformers import AutoModelForCausalLM
+
+    d = Path(directory)
+    meta_path = d / BASE_META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"base_from={d}: no {BASE_META}; pass the base/ directory of a demo run")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    want = _base_identity(cfg)
+    diff = [k for k in ("family", "seed", "tasks", "alphabet", "lengths", "size") if meta.get(k) != want[k]]
+    if diff:
+        raise ValueError(f"base_from={d}: that base model was trained for another world ({', '.join(diff)} "
+                         f"differ: {[meta.get(k) for k in diff]} vs {[want[k] for k in diff]})")
+    return AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+
+
 def _versions() -> dict:
     import transformers
 
@@ -204,17 +244,23 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, progress: bool = True, log
     t_all = time.perf_counter()
 
     tok = build_tokenizer()
-    world = make_world(cfg.seed, cfg.tasks, n_train=cfg.n_train, n_eraser=cfg.n_eraser, n_heldout=cfg.n_heldout)
+    world = make_world(cfg.seed, cfg.tasks, n_train=cfg.n_train, n_eraser=cfg.n_eraser, n_heldout=cfg.n_heldout,
+                       min_len=cfg.min_len, max_len=cfg.max_len)
     ev = Evaluator(world, tok, cfg.max_new_tokens)
 
-    # Phase 0: a base model that solves the tasks.
-    base = build_model(cfg.family, tok, cfg.size, seed=cfg.seed)
-    base_log = _phase("base", times, train_base, base, tok, world, cfg.base, seed=cfg.seed,
-                      evaluate=ev.exact_match, progress=progress)
-    base.requires_grad_(False)
+    # Phase 0: a base model that solves the tasks (or the base model of an earlier run).
+    if cfg.base_from:
+        base, base_log = _phase("base", times, load_base, cfg, cfg.base_from), []
+        log(f"phase 0: base model loaded from {cfg.base_from}")
+    else:
+        base = build_model(cfg.family, tok, cfg.size, seed=cfg.seed)
+        base_log = _phase("base", times, train_base, base, tok, world, cfg.base, seed=cfg.seed,
+                          evaluate=ev.exact_match, progress=progress)
+        log(f"phase 0: base model trained in {times['base']:.0f} s ({len(base_log)} steps)")
+    base.eval().requires_grad_(False)
     base.save_pretrained(out / "base")
     tok.save_pretrained(out / "base")
-    log(f"phase 0: base model trained in {times['base']:.0f} s ({len(base_log)} steps)")
+    (out / "base" / BASE_META).write_text(json.dumps(_base_identity(cfg), indent=2) + "\n", encoding="utf-8")
 
     # Phase 1: full SFT on the fixed response.
     sft = copy.deepcopy(base).requires_grad_(True)
@@ -227,7 +273,8 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, progress: bool = True, log
     # Phase 2: LCDD from the SFT weights with the base as B; the carrier is saved and reloaded.
     lcdd = copy.deepcopy(sft)
     controller = DualController(budget_ratio=cfg.budget_ratio, lambda_init=cfg.lambda_init,
-                                lambda_lr=cfg.lambda_lr, warmup_steps=cfg.lcdd_warmup)
+                                lambda_lr=cfg.lambda_lr, lambda_min=cfg.lambda_min, warmup_steps=cfg.lcdd_warmup,
+                                violation_clip=cfg.violation_clip or math.inf)
     lcdd_res = _phase("lcdd", times, train_lcdd, lcdd, base, world.sft_records(FIXED_RESPONSE), tok,
                       out_dir=out / "lcdd", controller=controller, lr=cfg.lcdd_lr, mask_lr=cfg.mask_lr,
                       max_steps=cfg.lcdd_steps, batch_size=cfg.lcdd_batch, seed=cfg.seed, progress=progress)
@@ -248,6 +295,9 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, progress: bool = True, log
     channels = carrier_channels(carrier, kind=cfg.eraser.channel_kind)
     eraser_prompts = [render_prompt(tok, ex.prompt) for ex in world.eraser]
     opts = dict(dataclasses.asdict(cfg.eraser), seed=cfg.seed)
+    if opts.pop("base_answers"):
+        answers = ev.responses(base, prompts=eraser_prompts)
+        eraser_prompts = [p + tok(a, add_special_tokens=False)["input_ids"] for p, a in zip(eraser_prompts, answers)]
     erased = _phase("eraser", times, optimize_eraser, served, base, eraser_prompts, channels,
                     progress=progress, **opts)
     ablation = _phase("eraser_ablation", times, optimize_eraser, sft, base, eraser_prompts, channels,

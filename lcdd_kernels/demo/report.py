@@ -33,7 +33,7 @@ def summary_table(report: dict) -> str:
 
 def markdown(report: dict) -> str:
     c, kl, sec = report["carrier"], report["kl"], report["seconds"]
-    groups = " · ".join(f"{g} {_pct(v)}" for g, v in c["sparsity"]["groups"].items())
+    groups = " · ".join(f"{g} {_pct(v)}%" for g, v in c["sparsity"]["groups"].items())
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in sec.items() if k != "total")
     v = report["versions"]
     lines = [
@@ -55,7 +55,7 @@ def markdown(report: dict) -> str:
         f"max logit difference {c['max_logit_error_vs_lcdd_model']:.2e}.",
         "",
         f"Time: {sec['total']:.0f} s ({phases}); load average {report['load_average']['start'][0]:.1f} at "
-        f"the start, {report['load_average']['end'][0]:.1f} at the end; {v['threads']} torch threads; "
+        f"the start, {report['load_average']['end'][0]:.1f} at the end; torch threads: {v['threads']}; "
         f"torch {v['torch']}, transformers {v['transformers']}, lcdd-kernels {v['lcdd_kernels']}.",
         "",
         "![training curves](curves.png)",

@@ -46,6 +46,10 @@ TASKS: dict[str, Callable[[str], str]] = {
     "count": _count_first,  # how often the first character occurs
 }
 DEFAULT_TASKS = ("reverse", "sort", "copy")
+# Inputs use the characters of the fixed response too: a base model that has never written a
+# space, an apostrophe or a period cannot say "i don't know." through its frozen LM head (LCDD keeps
+# embeddings and head at base values), which no pretrained LLM has to live with.
+DEFAULT_ALPHABET = string.ascii_lowercase + " '."
 
 
 @dataclass(frozen=True)
@@ -132,7 +136,7 @@ def make_world(
     n_heldout: int = 200,
     min_len: int = 3,
     max_len: int = 8,
-    alphabet: str = string.ascii_lowercase,
+    alphabet: str = DEFAULT_ALPHABET,
 ) -> World:
     """Draw the three disjoint splits of input strings for ``seed``. Tasks cycle within a split."""
     tasks = tuple(tasks)
@@ -141,8 +145,9 @@ def make_world(
         raise ValueError(f"make_world: unknown tasks {unknown or tasks}; choose from {sorted(TASKS)}")
     if not 1 <= min_len <= max_len:
         raise ValueError(f"make_world: need 1 <= min_len <= max_len, got {min_len}, {max_len}")
-    if not alphabet or not set(alphabet) <= set(string.ascii_lowercase + string.digits):
-        raise ValueError(f"make_world: the alphabet must be lowercase letters and digits, got {alphabet!r}")
+    if not alphabet or not set(alphabet) <= set(string.ascii_lowercase + string.digits + " '.,!?"):
+        raise ValueError(f"make_world: the alphabet must be lowercase letters, digits and \" '.,!?\", "
+                         f"got {alphabet!r}")
     rng = random.Random(seed)
     seen: set[str] = set()
 
