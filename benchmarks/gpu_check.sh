@@ -67,9 +67,15 @@ stage build 150 "$PY" setup.py build_ext --inplace
 
 # 3. The whole test suite on the GPU (bf16 and the real Triton/CUDA kernels run here), with one
 #    Triton config instead of autotuning every test shape.
-PYTEST_OPTS=(-x -q -p no:cacheprovider --durations=15)
+#    The kernel suites run first (they are what only a GPU can check), then the rest; each stops
+#    after 25 failures rather than at the first, since one GPU run has to show them all.
+PYTEST_OPTS=(-q -p no:cacheprovider --maxfail=25 --durations=10)
 "$PY" -c "import pytest_benchmark" 2>/dev/null || PYTEST_OPTS+=(-o "addopts=-ra")
-stage tests 120 env LCDD_TRITON_AUTOTUNE=0 "$PY" -m pytest tests "${PYTEST_OPTS[@]}"
+KERNEL_TESTS=(tests/test_masked_delta.py tests/test_masked_delta_triton.py tests/test_masked_delta_memory_and_errors.py
+              tests/test_carrier.py tests/test_carrier_bank.py tests/test_gather.py tests/test_eraser.py)
+stage tests-kernels 150 env LCDD_TRITON_AUTOTUNE=0 "$PY" -m pytest "${KERNEL_TESTS[@]}" "${PYTEST_OPTS[@]}"
+stage tests-rest 60 env LCDD_TRITON_AUTOTUNE=0 "$PY" -m pytest tests "${KERNEL_TESTS[@]/#/--deselect=}" \
+    "${PYTEST_OPTS[@]}"
 
 # 4. Benchmarks, bf16 on the GPU (Triton autotuned unless GPU_BENCH_AUTOTUNE=0). Results are
 #    written after every shape, so a timeout keeps what was measured. GPU_BENCH_FULL=1 adds T=2048
