@@ -43,8 +43,9 @@ bench: install
 	$(VENV)/bin/lcdd bench training --quick --force --out $(BENCH_OUT)/training-quick.json --plot $(BENCH_OUT)/training-quick.png
 	$(PY) -m pytest benchmarks -q
 
+# `make demo DEMO_ARGS="--quick --force"`: options of `lcdd demo` (it refuses to replace demo-out/).
 demo: install
-	$(VENV)/bin/lcdd demo
+	$(VENV)/bin/lcdd demo $(DEMO_ARGS)
 
 clean:
 	rm -rf build lcdd_kernels/_C*.so .pytest_cache

@@ -34,7 +34,7 @@ class EraserSettings:
     trigger_length: int = 20
     max_norm: float | None = 1.0
     kappa: float = 0.7
-    tail_k: int = 8
+    tail_k: int = 16
     l2: float = 0.1
     lr: float = 3e-3
     batch_size: int = 16
@@ -42,11 +42,19 @@ class EraserSettings:
     # Append the base model's greedy answer to each eraser prompt, so that the tail KL (tail_k)
     # covers response positions and the channels are matched at the answer's last token (SPEC §5
     # uses the prompt alone: its KL sees only the first response token).
-    base_answers: bool = False
+    base_answers: bool = True
 
 
 @dataclass
 class DemoConfig:
+    """Every setting of a demo run; the defaults are the full run (``lcdd demo``).
+
+    Toy-scale choices (README, "The demo"): the learning rates are those of a model trained from
+    scratch, not the paper's 2e-5; ``lambda_min`` is 0.01 because the SFT loss of a fixed response
+    is about 1e-6, so the budget ε = 1.3·baseline is out of reach as soon as a mask turns off and
+    λ rests on its floor (LCDD then runs as a fixed L0 penalty of 0.01).
+    """
+
     family: str = "qwen3"
     seed: int = 0
     size: ModelSize = field(default_factory=ModelSize)
@@ -57,18 +65,18 @@ class DemoConfig:
     n_eraser: int = 200   # prompts the eraser optimises on
     n_heldout: int = 200  # prompts every number of the report is measured on
     base: BaseTraining = field(default_factory=BaseTraining)
-    sft_steps: int = 200
+    sft_steps: int = 300
     sft_lr: float = 1e-3
     sft_batch: int = 32
     lcdd_steps: int = 1500
-    lcdd_lr: float = 1e-4
+    lcdd_lr: float = 1e-3
     lcdd_batch: int = 32
-    mask_lr: float = 0.1
-    lcdd_warmup: int = 100
+    mask_lr: float = 0.5
+    lcdd_warmup: int = 50
     budget_ratio: float = 0.3
     lambda_init: float = 0.01
     lambda_lr: float = 0.1
-    lambda_min: float = 1e-6
+    lambda_min: float = 0.01
     violation_clip: float | None = None  # DualController's V (None: unclipped, SPEC's default)
     eraser: EraserSettings = field(default_factory=EraserSettings)
     max_new_tokens: int = 24
@@ -81,8 +89,8 @@ class DemoConfig:
 #: Named settings: dotted DemoConfig fields -> value. "full" is DemoConfig's defaults.
 PRESETS: dict[str, dict] = {
     "full": {},
-    "quick": {"base.steps": 800, "sft_steps": 100, "lcdd_steps": 500, "eraser.steps": 200,
-              "n_heldout": 128, "n_eraser": 128},
+    "quick": {"base.steps": 500, "base.target": 0.95, "sft_steps": 150, "lcdd_steps": 600, "mask_lr": 1.0,
+              "eraser.steps": 200},
     # The test suite's run: every phase and file, numbers meaningless.
     "test": {"size.hidden": 32, "size.ffn": 64, "size.layers": 2, "base.steps": 4, "base.eval_size": 8,
              "sft_steps": 3, "lcdd_steps": 4, "lcdd_warmup": 2, "eraser.steps": 3, "eraser.trigger_length": 4,
@@ -233,6 +241,8 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, progress: bool = True, log
     from ..carriers.format import load_carrier
     from ..dual import DualController
     from ..eraser import carrier_channels, kl_benchmark, optimize_eraser, save_trigger
+    from tqdm.auto import tqdm
+
     from ..train import train_lcdd, train_sft
     from .report import write_report
 
@@ -310,7 +320,8 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, progress: bool = True, log
     t0 = time.perf_counter()
     models = {"base": (base, None), "sft": (sft, None), "lcdd": (served, None),
               "lcdd_eraser": (served, erased.trigger), "sft_eraser": (sft, ablation.trigger)}
-    scores = {name: ev.score(m, trig) for name, (m, trig) in models.items()}
+    scores = {name: ev.score(m, trig)
+              for name, (m, trig) in tqdm(models.items(), desc="evaluation", disable=not progress, leave=False)}
     refs = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             for r in ev.responses(sft)]
     kl = {

@@ -158,7 +158,7 @@ def plot_stages(report: dict, png: Path) -> None:
         for x, v in zip(xs, vals):
             ax.text(x, v + 0.01, f"{100 * v:.0f}", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(stages)), [STAGE_LABELS[s] for s in stages], fontsize=8)
-    ax.set_ylim(0, 1.12)
+    ax.set_ylim(0, 1.25)
     ax.set_ylabel("share of held-out prompts")
     ax.legend(frameon=False, ncol=3, loc="upper center", fontsize=8)
     fig.tight_layout()
