@@ -193,7 +193,7 @@ def setup_generate(case: dict, provider: str, device: str, dtype: str, backend: 
         return model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=GEN_NEW,
                               min_new_tokens=GEN_NEW, do_sample=False, pad_token_id=0, use_cache=True, **kw)
 
-    run = gen
+    run = gen  # one carrier merged or applied: plain generation
     info = {"new_tokens": GEN_BATCH * GEN_NEW}
     if provider == "merged":
         merge_carrier_(model, carriers[0])
@@ -203,9 +203,11 @@ def setup_generate(case: dict, provider: str, device: str, dtype: str, backend: 
         bank = apply_carrier_bank(model, carriers)
         info["bank_mib"] = bank.nbytes() / common.MIB
 
-        def run():
+        def run_bank():
             with bank.carriers([0, 1, 2, 3]), (_backend.use_backend(backend) if backend else nullcontext()):
                 return gen()
+
+        run = run_bank
     wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
     return common.Prepared(run, [], list(model.parameters()), wbytes, info)
 

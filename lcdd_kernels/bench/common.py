@@ -228,8 +228,7 @@ def hwm_reset_works() -> bool:
     if _HWM_RESET_WORKS is None:
         try:
             _tame_malloc()
-            block = torch.ones(16 << 20, dtype=torch.uint8)  # 16 MiB, touched
-            del block
+            torch.ones(16 << 20, dtype=torch.uint8).sum()  # 16 MiB, touched, then freed
             _tame_malloc()
             _reset_hwm()
             st = _proc_status_kib("VmHWM", "VmRSS")
