@@ -109,6 +109,23 @@ def test_short_run_lowers_the_loss_and_is_reproducible():
     assert all(p.grad is None for p in model.parameters())
 
 
+def test_reproducible_on_two_threads_at_demo_size():
+    """The same trigger bit for bit on 2 threads with the demo's sizes (d 128, 16 prompts, L 20).
+    Laying the trigger out through an index table made its gradient an atomic index_put_ on a
+    multi-threaded CPU, and the trigger differed from run to run."""
+    model, base = (tiny_model("llama", seed=s, hidden_size=128, intermediate_size=256,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=32) for s in (1, 0))
+    prompts = _prompts(model.config.vocab_size, lengths=(9, 14, 6, 20) * 4)
+    kw = dict(steps=6, batch_size=16, lr=3e-3, trigger_length=20, tail_k=8, progress=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = [optimize_eraser(model, base, prompts, CHANNELS, **kw).trigger for _ in range(3)]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(runs[0], t) for t in runs[1:])
+
+
 def test_random_channel_ablation_keeps_the_per_layer_budget():
     model, base = _pair("llama", torch.float32)
     prompts = _prompts(model.config.vocab_size)

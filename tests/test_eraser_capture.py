@@ -142,3 +142,23 @@ def test_capture_on_cuda(family, padding):
             model(**rows.model_kwargs())
     for layer in channels:
         torch.testing.assert_close(cap.activations[layer], ref[layer], rtol=1e-4, atol=1e-5)
+
+
+
+def test_trigger_layout_is_exact_and_its_gradient_right():
+    """build_rows puts [pad..., T, x_b] in each row exactly, and ∂/∂T is the sum of each row's
+    gradient at the trigger's columns."""
+    emb = torch.nn.Embedding(50, 32)
+    prompts = _prompts(50, lengths=(30, 5, 17, 40))
+    g = torch.Generator().manual_seed(3)
+    trigger = torch.randn(8, 32, generator=g, requires_grad=True)
+    weights = torch.randn(4, 48, 32, generator=g)
+    rows = build_rows(emb, prompts, trigger)
+    (grad,) = torch.autograd.grad((rows.inputs_embeds * weights).sum(), trigger)
+    starts = [48 - 8 - p.numel() for p in prompts]
+    expect = sum(weights[b, s:s + 8].double() for b, s in enumerate(starts))
+    torch.testing.assert_close(grad.double(), expect, rtol=1e-6, atol=1e-5)
+    for b, (p, s) in enumerate(zip(prompts, starts)):
+        assert torch.equal(rows.inputs_embeds[b, s:s + 8], trigger.detach())
+        assert torch.equal(rows.inputs_embeds[b, s + 8:], emb(p).detach())
+        assert rows.attention_mask[b, :s].sum() == 0 and rows.attention_mask[b, s:].all()

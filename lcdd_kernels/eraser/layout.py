@@ -87,12 +87,15 @@ def build_rows(embedding: torch.nn.Module, seqs: list[torch.Tensor], trigger: to
     for b, s in enumerate(seqs):
         at = int(starts[b]) + n_trig
         tokens[b, at:at + s.numel()] = s
-    lengths, starts = lengths.to(device), starts.to(device)
-    rel = torch.arange(n_s, device=device)[None, :] - starts[:, None]  # column relative to row start
     embeds = embedding(tokens.to(device))
     if n_trig:
-        is_trig = (rel >= 0) & (rel < n_trig)
-        trig = trigger.to(device=device, dtype=embeds.dtype)[rel.clamp(0, n_trig - 1)]  # (B, S, D), differentiable
-        embeds = torch.where(is_trig[..., None], trig, embeds)
+        # Row by row: the trigger's gradient is then a sum of B slices in a fixed order. Indexing
+        # the trigger with a (B, S) index table instead backpropagates through an accumulating
+        # index_put_, which on a multi-threaded CPU adds atomically in any order (run-to-run
+        # different triggers, measured in the demo).
+        trig = trigger.to(device=device, dtype=embeds.dtype)
+        embeds = torch.stack([torch.cat([e[:at], trig, e[at + n_trig:]]) for e, at in zip(embeds, starts.tolist())])
+    lengths, starts = lengths.to(device), starts.to(device)
+    rel = torch.arange(n_s, device=device)[None, :] - starts[:, None]  # column relative to row start
     mask = ((rel >= 0) & (rel < n_trig + lengths[:, None])).long()
     return Rows(embeds, mask, rel.clamp(min=0), lengths, starts)
