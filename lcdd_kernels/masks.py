@@ -85,9 +85,12 @@ class HeavisideMask(nn.Module):
         return self.theta.numel()
 
     def forward(self) -> torch.Tensor:
+        return self._binary(self.theta)
+
+    def _binary(self, theta: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():
-            return heaviside_st(self.theta)
-        return (self.theta.detach() > 0).to(self.theta.dtype)
+            return heaviside_st(theta)
+        return (theta.detach() > 0).to(theta.dtype)
 
     def l0(self) -> torch.Tensor:
         """Expected number of active entries, ``Σ σ(θ)`` (the sparsity penalty of SPEC §3)."""
@@ -106,8 +109,10 @@ class HeavisideMask(nn.Module):
         return {name: values[a:b] for name, (a, b) in self._offsets.items()}
 
     def group(self, name: str) -> torch.Tensor:
+        """``forward()[a:b]`` for the group, computed on its slice of θ alone (each patched
+        projection asks for its two groups on every forward)."""
         a, b = self.range(name)
-        return self()[a:b]
+        return self._binary(self.theta[a:b])
 
     def group_theta(self, name: str) -> torch.Tensor:
         a, b = self.range(name)

@@ -61,6 +61,7 @@ def test_save_load_apply_equals_lcdd_model(family, dtype, tmp_path):
     for path, m in carrier.modules.items():
         assert torch.equal(loaded.modules[path].rows, m.rows) and torch.equal(loaded.modules[path].delta, m.delta)
     assert torch.equal(loaded.theta, handle.flat_theta())
+    assert len(loaded.active_channels()) == len(handle.active_channels())
     for a, b in zip(loaded.active_channels(), handle.active_channels()):
         assert a.keys() == b.keys() and all(torch.equal(a[g], b[g]) for g in a)
 

@@ -65,3 +65,10 @@ def test_extract_from_authors_theta(tmp_path, capsys):
     c = load_carrier(tmp_path / "c")
     assert c.dtype == torch.bfloat16 and torch.equal(c.theta, theta)
     assert c.stats()["overall"]["active"] == int((theta > 0).sum())
+
+
+def test_cli_tiny_families_are_the_tiny_table():
+    from lcdd_kernels.cli.models_io import TINY_FAMILIES
+    from lcdd_kernels.models.tiny import TINY
+
+    assert TINY_FAMILIES == tuple(TINY)

@@ -84,7 +84,7 @@ def good():
 
 @pytest.mark.parametrize("field,value,exc,words", [
     ("x", torch.randn(3, 6), ValueError, ["x", "K = 5", "(3, 6)"]),
-    ("weight", torch.randn(7, 6), ValueError, ["weight"]),
+    ("weight", torch.randn(7, 6), ValueError, ["base_weight", "(7, 6)", "the shape of weight", "(7, 5)"]),
     ("base_weight", torch.randn(8, 5), ValueError, ["base_weight", "(7, 5)", "(8, 5)"]),
     ("row_mask", torch.ones(6), ValueError, ["row_mask", "(7)", "(6)"]),
     ("col_mask", torch.ones(7), ValueError, ["col_mask", "(5)", "(7)"]),

@@ -164,6 +164,8 @@ def test_masks_per_layer_and_stats():
     q = theta[per + q_off: per + q_off + lengths[4]]  # layer 1, group q
     assert torch.equal(handle.active_channels()[1]["q"], torch.nonzero(q > 0).flatten())
     assert stats["layers"][1]["groups"]["q"]["active"] == int((q > 0).sum())
+    for layer, channels in zip(stats["layers"], handle.active_channels(), strict=True):
+        assert {g: e["active"] for g, e in layer["groups"].items()} == {g: len(ix) for g, ix in channels.items()}
     groups = handle.parameters()
     assert len(groups["masks"]) == 2 and len(groups["weights"]) == 14
     assert {id(p) for p in sft.parameters() if p.requires_grad} == {id(p) for g in groups.values() for p in g}

@@ -8,16 +8,8 @@
 #include <vector>
 
 #include "../cpu/internal.h"
+#include "expect.h"
 #include "lcdd/lcdd.h"
-
-static int failures = 0;
-#define EXPECT(cond)                                                   \
-  do {                                                                 \
-    if (!(cond)) {                                                     \
-      std::printf("%s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                      \
-    }                                                                  \
-  } while (0)
 
 namespace {
 
@@ -186,6 +178,5 @@ int main() {
   EXPECT(lcdd::to_float(lcdd::to_half(5.960464477539063e-08f)) == 5.960464477539063e-08f);  // smallest subnormal
   EXPECT(lcdd::to_float(lcdd::to_bf16(1.00390625f)) == 1.0f);  // tie -> even
   EXPECT(std::isnan(lcdd::to_float(lcdd::to_bf16(std::nanf("")))));
-  std::printf("%s\n", failures ? "FAILED" : "ok");
-  return failures ? 1 : 0;
+  return report();
 }

@@ -4,16 +4,8 @@
 #include <cstdio>
 #include <vector>
 
+#include "expect.h"
 #include "lcdd/lcdd.h"
-
-static int failures = 0;
-#define EXPECT(cond)                                                   \
-  do {                                                                 \
-    if (!(cond)) {                                                     \
-      std::printf("%s:%d: expected %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                      \
-    }                                                                  \
-  } while (0)
 
 template <typename E, typename I>
 void check_case(lcdd_dtype dtype, lcdd_index_dtype idt, int64_t B, int64_t S, int64_t D, bool transposed) {
@@ -58,6 +50,5 @@ int main() {
          LCDD_ERROR_INVALID_ARGUMENT);
   EXPECT(lcdd_gather_channels_cpu(h, static_cast<lcdd_dtype>(9), 2, 3, 4, 12, 4, 1, good_pos, ch, LCDD_INT32, 2, out,
                                   2, 1) == LCDD_ERROR_UNSUPPORTED_DTYPE);
-  std::printf("%s\n", failures ? "FAILED" : "ok");
-  return failures ? 1 : 0;
+  return report();
 }

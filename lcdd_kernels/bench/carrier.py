@@ -164,17 +164,11 @@ def _gen_world(model_name: str, device: str, dtype: torch.dtype, s: float):
 
 
 def _gen_model(name: str, seed: int, device: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
-    from ..models.tiny import tiny_config
+    from ..models.tiny import tiny_model
     from .eraser import MODELS
 
     family, over = ("qwen3", {}) if name == "tiny" else MODELS[name]
-    config = tiny_config(family, **over)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    return model.to(device).eval()
+    return tiny_model(family, seed, dtype, **over).to(device).eval()
 
 
 def setup_generate(case: dict, provider: str, device: str, dtype: str, backend: str | None = None,
@@ -255,7 +249,6 @@ def retime_cpu(rows: list[dict], todo: list[dict], providers, device: str, dtype
     ``cost_vs_baseline`` from it. (On a GPU the do_bench medians stand.)"""
     from tqdm import tqdm
 
-    from .eraser import time_interleaved
 
     dtype_name = str(dtype).removeprefix("torch.")
     by_key = {(r["group"], r["provider"]): r for r in rows}
@@ -264,7 +257,7 @@ def retime_cpu(rows: list[dict], todo: list[dict], providers, device: str, dtype
         for p in providers:
             if "error" not in by_key.get((case["group"], p), {"error": 1}):
                 fns[p] = prepare(case, p, device, dtype_name, **options).forward
-        for p, t in time_interleaved(fns, torch.device(device), budget_s).items():
+        for p, t in common.time_interleaved(fns, torch.device(device), budget_s).items():
             by_key[(case["group"], p)].update(cpu_ms_min=t["cpu_ms_min"], cpu_ms_median=t["cpu_ms_median"])
         base = by_key.get((case["group"], BASELINE), {}).get("cpu_ms_min")
         for p in fns:
@@ -272,15 +265,10 @@ def retime_cpu(rows: list[dict], todo: list[dict], providers, device: str, dtype
             r["cost_vs_baseline"] = r["cpu_ms_min"] / base if base else None
 
 
-def _ms(r: dict) -> float | None:
-    """A row's time per call: the CPU-time minimum where measured (CPU), else the median."""
-    return r.get("cpu_ms_min") or r.get("ms_median")
-
-
 def add_bandwidth(rows: list[dict], peak_gbps: float) -> None:
     for r in rows:
         r["peak_copy_gbps"] = peak_gbps
-        ms = _ms(r)
+        ms = common.call_ms(r)
         if r.get("floor_bytes") and ms:
             r["gbps"] = r["floor_bytes"] / (ms * 1e-3) / 1e9
             r["of_peak"] = r["gbps"] / peak_gbps
@@ -333,7 +321,7 @@ TARGETS = [
                   lambda g: g["lcdd"].get("of_peak"), 0.80, ">="),
     common.Target("decode-mixed-vs-naive", "decode, 4 or 16 carriers: naive time / lcdd time >= 2",
                   _is("decode", (4, 16), ("naive", "lcdd")),
-                  lambda g: _ms(g["naive"]) / _ms(g["lcdd"]), 2.0, ">="),
+                  lambda g: common.call_ms(g["naive"]) / common.call_ms(g["lcdd"]), 2.0, ">="),
     common.Target("prefill", "prefill: (lcdd/base − 1)/f <= 1.25 (i.e. lcdd <= (1 + 1.25 f)·base)",
                   _is("prefill", (1, 4, 16)), lambda g: (_ratio(g) - 1) / g["lcdd"]["f"], 1.25),
 ]
@@ -342,18 +330,14 @@ TARGETS = [
 # ------------------------------------------------------------------------------- command line
 
 
-def _csv(kind):
-    return lambda s: tuple(kind(v) for v in s.split(",") if v)
-
-
 def add_arguments(p) -> None:
     common.add_common_arguments(p, default_budget=0.3)
-    p.add_argument("--models", type=_csv(str), default=None,
+    p.add_argument("--models", type=common.csv_of(str), default=None,
                    help=f"comma list from {', '.join(common.MODEL_DIMS)} (default: by device and --quick)")
-    p.add_argument("--T", type=_csv(int), default=None, dest="tokens", help="comma list of token counts")
-    p.add_argument("--sparsity", type=_csv(float), default=None, help="per-side sparsities, e.g. 0.7,0.8,0.85")
-    p.add_argument("--mixes", type=_csv(int), default=None, help="distinct carriers per batch (0 = none)")
-    p.add_argument("--providers", type=_csv(str), default=PROVIDERS, help=",".join(PROVIDERS))
+    p.add_argument("--T", type=common.csv_of(int), default=None, dest="tokens", help="comma list of token counts")
+    p.add_argument("--sparsity", type=common.csv_of(float), default=None, help="per-side sparsities, e.g. 0.7,0.8,0.85")
+    p.add_argument("--mixes", type=common.csv_of(int), default=None, help="distinct carriers per batch (0 = none)")
+    p.add_argument("--providers", type=common.csv_of(str), default=PROVIDERS, help=",".join(PROVIDERS))
     p.add_argument("--lcdd-backend", default=None, help="force the lcdd provider's backend (default: auto)")
     p.add_argument("--no-generate", action="store_true", help="skip the generate tokens/s group")
 

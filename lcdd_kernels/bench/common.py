@@ -167,8 +167,50 @@ def time_call(fn: Callable[[], object], device: torch.device | str, grad_to_none
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    q = torch.tensor(times, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
-    return {"ms_median": q[0].item(), "ms_p20": q[1].item(), "ms_p80": q[2].item(), "reps": len(times)}
+    return {**quantiles_ms(times), "reps": len(times)}
+
+
+def quantiles_ms(times_ms: Sequence[float]) -> dict[str, float]:
+    """Median and 20/80th percentiles of per-call times (ms), as every suite reports them."""
+    q = torch.tensor(times_ms, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
+    return {"ms_median": q[0].item(), "ms_p20": q[1].item(), "ms_p80": q[2].item()}
+
+
+def time_interleaved(fns: dict, device: torch.device, budget_s: float, min_reps: int = 5) -> dict:
+    """Per callable: wall-time median, 20/80th percentiles and minimum (ms), and on the CPU the
+    process CPU time per call (median and minimum, ms). On the CPU the callables run in alternation
+    so that load from other processes falls on each alike; CUDA uses do_bench per callable."""
+    if device.type == "cuda":
+        return {name: time_call(fn, device) for name, fn in fns.items()}
+    for fn in fns.values():
+        fn()  # warm-up
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    start = time.perf_counter()
+    while min(len(t) for t in wall.values()) < min_reps or time.perf_counter() - start < budget_s * len(fns):
+        for name, fn in fns.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            fn()
+            wall[name].append((time.perf_counter() - t0) * 1e3)
+            cpu[name].append((time.process_time() - c0) * 1e3)
+    out = {}
+    for name in fns:
+        c = torch.tensor(cpu[name], dtype=torch.float64)
+        out[name] = {**quantiles_ms(wall[name]), "ms_min": min(wall[name]), "cpu_ms_median": c.median().item(),
+                     "cpu_ms_min": c.min().item(), "reps": len(wall[name])}
+    return out
+
+
+def call_ms(row: dict) -> float | None:
+    """A row's time per call. On a CPU shared with other work, wall time measures the neighbours
+    as much as the provider; the process's CPU time per call (minimum over the alternating
+    repeats of :func:`time_interleaved`) is its own cost. Elsewhere the median."""
+    return row.get("cpu_ms_min") or row.get("ms_median")
+
+
+def csv_of(kind):
+    """An argparse type: a comma list of ``kind`` values, as a tuple."""
+    return lambda s: tuple(kind(v) for v in s.split(",") if v)
 
 
 # ----------------------------------------------------------------------------------- peak memory
@@ -287,14 +329,13 @@ def rss_call_peak_bytes(fn: Callable[[], object], grad_to_none: Sequence[torch.T
 
 
 def call_peak_bytes(fn: Callable[[], object], device: torch.device | str,
-                    grad_to_none: Sequence[torch.Tensor] = (), tries: int = 1) -> int:
+                    grad_to_none: Sequence[torch.Tensor] = ()) -> int:
     """Bytes allocated at the peak of one ``fn()`` above what was allocated just before it: CUDA's
     allocator statistics, or on CPU the exact tensor bytes (:func:`tensor_call_peak_bytes`).
 
     One warm-up call runs first so that one-time allocations (thread pools, GEMM workspaces,
-    kernel compilation) are not counted. ``tries`` is accepted for callers of the first version
-    (which read VmHWM here) and has no effect: both counts are exact. For the resident-set view
-    use :func:`rss_call_peak_bytes`.
+    kernel compilation) are not counted. Both counts are exact. For the resident-set view use
+    :func:`rss_call_peak_bytes`.
     """
     device = torch.device(device)
     zero_grads(grad_to_none)

@@ -53,21 +53,11 @@ N_PROMPTS, BATCH, TRIGGER, TAIL = 64, 16, 20, 8
 
 def build_models(name: str, device: str, dtype: torch.dtype):
     """(lcdd model, base model, prompts, channels): two differently seeded models of one shape."""
-    from ..models.tiny import tiny_config
+    from ..models.tiny import tiny_model
 
     family, over = MODELS[name]
-    config = tiny_config(family, **over)
-    config.use_cache = False
-    models = []
-    for seed in (1, 0):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            from transformers import AutoModelForCausalLM
-
-            with torch.device(device):
-                m = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-        m.requires_grad_(False)
-        models.append(m)
+    models = [tiny_model(family, seed, dtype, device=device, **over).eval().requires_grad_(False) for seed in (1, 0)]
+    config = models[0].config
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(24, 65, (N_PROMPTS,), generator=g)
     prompts = [torch.randint(3, config.vocab_size, (int(n),), generator=g) for n in lengths]
@@ -184,15 +174,8 @@ def cases(models, quick: bool):
     return out
 
 
-def _time(row: dict) -> float | None:
-    # On a CPU shared with other work, wall time measures the neighbours as much as the provider;
-    # the process's CPU time per call (minimum over the alternating repeats) is its own cost. On
-    # CUDA, the do_bench median.
-    return row.get("cpu_ms_min") or row.get("ms_median")
-
-
 def _ratio(g, num: str, den: str):
-    a, b = _time(g.get(num, {})), _time(g.get(den, {}))
+    a, b = common.call_ms(g.get(num, {})), common.call_ms(g.get(den, {}))
     return a / b if a and b else None
 
 
@@ -214,36 +197,6 @@ TARGETS = [
     common.Target("capture-overhead-gpu", "GPU: capture adds <= 3% to a forward",
                   _applies("capture/", "cuda"), lambda g: _ratio(g, "capture", "plain"), 1.03),
 ]
-
-
-def time_interleaved(fns: dict, device: torch.device, budget_s: float, min_reps: int = 5) -> dict:
-    """Per callable: wall-time median, 20/80th percentiles and minimum (ms), and on the CPU the
-    process CPU time per call (median and minimum, ms). On the CPU the callables run in alternation
-    so that load from other processes falls on each alike; CUDA uses do_bench per callable."""
-    if device.type == "cuda":
-        return {name: common.time_call(fn, device) for name, fn in fns.items()}
-    import time
-
-    for fn in fns.values():
-        fn()  # warm-up
-    wall: dict[str, list[float]] = {name: [] for name in fns}
-    cpu: dict[str, list[float]] = {name: [] for name in fns}
-    start = time.perf_counter()
-    while min(len(t) for t in wall.values()) < min_reps or time.perf_counter() - start < budget_s * len(fns):
-        for name, fn in fns.items():
-            c0, t0 = time.process_time(), time.perf_counter()
-            fn()
-            wall[name].append((time.perf_counter() - t0) * 1e3)
-            cpu[name].append((time.process_time() - c0) * 1e3)
-    out = {}
-    qs = torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64)
-    for name in fns:
-        q = torch.tensor(wall[name], dtype=torch.float64).quantile(qs)
-        c = torch.tensor(cpu[name], dtype=torch.float64)
-        out[name] = {"ms_median": q[0].item(), "ms_p20": q[1].item(), "ms_p80": q[2].item(),
-                     "ms_min": min(wall[name]), "cpu_ms_median": c.median().item(), "cpu_ms_min": c.min().item(),
-                     "reps": len(wall[name])}
-    return out
 
 
 # --------------------------------------------------------------------------------- command line
@@ -289,10 +242,10 @@ def run(args) -> int:
                 fn, cleanup = prepare(case["group"], provider, built[case["model"]], case["kappa"])
                 prepared[provider] = fn
                 cleanups.append(cleanup)
-            for provider, m in time_interleaved(prepared, dev, args.budget).items():
+            for provider, m in common.time_interleaved(prepared, dev, args.budget).items():
                 measured[provider].update(m)
                 if case["mode"] == "step":
-                    measured[provider]["steps_per_s"] = 1e3 / _time(m)
+                    measured[provider]["steps_per_s"] = 1e3 / common.call_ms(m)
             if not args.no_memory:
                 for provider, fn in prepared.items():
                     measured[provider]["peak_bytes"] = common.call_peak_bytes(fn, dev)

@@ -73,13 +73,14 @@ def _base_state(model) -> dict[str, torch.Tensor]:
 class _GQAColumns(MaskedDeltaParametrization):
     """o_proj: the column logits are the v logits repeated over each kv head's query heads."""
 
-    def __init__(self, base, row_logits, v_logits, n_kv: int, head_dim: int, groups: int):
+    def __init__(self, base, row_logits, v_logits, dims):
         super().__init__(base, row_logits, v_logits)
-        self.shape = (n_kv, head_dim, groups)
+        self.dims = dims
 
     def forward(self, weight):
-        n_kv, hd, groups = self.shape
-        cols = self.straight_through(self.col_logits).view(n_kv, hd).repeat_interleave(groups, 0).reshape(-1)
+        from ..models.families import expand_gqa
+
+        cols = expand_gqa(self.straight_through(self.col_logits), self.dims)
         r = self.straight_through(self.row_logits)
         base = self.base.float()
         return (base + torch.outer(r, cols) * (weight.float() - base)).to(weight.dtype)
@@ -101,8 +102,7 @@ def _parametrize(model, base_state) -> list[nn.Parameter]:
             lin = layer.get_submodule(proj.path)
             b = base_state[f"{fam.layers}.{i}.{proj.path}.weight"]
             if proj.gqa_cols:
-                par = _GQAColumns(b, theta[proj.rows], theta[proj.cols], dims.num_kv_heads, dims.head_dim,
-                                  dims.gqa_groups)
+                par = _GQAColumns(b, theta[proj.rows], theta[proj.cols], dims)
             else:
                 par = MaskedDeltaParametrization(b, theta[proj.rows], theta[proj.cols])
             P.register_parametrization(lin, "weight", par)
@@ -179,9 +179,7 @@ def _time_interleaved(preps: dict[str, common.Prepared], device: str, budget_s: 
             times[name].append((time.perf_counter() - t0) * 1e3)
     out = {}
     for name, ts in times.items():
-        q = torch.tensor(ts, dtype=torch.float64).quantile(torch.tensor([0.5, 0.2, 0.8], dtype=torch.float64))
-        out[name] = {"ms_median": q[0].item(), "ms_p20": q[1].item(), "ms_p80": q[2].item(), "reps": len(ts),
-                     "timing": "interleaved rounds"}
+        out[name] = {**common.quantiles_ms(ts), "reps": len(ts), "timing": "interleaved rounds"}
     return out
 
 
@@ -199,11 +197,9 @@ def measure(case: dict, providers, device: str, dtype: str, budget_s: float, mem
         out[p].update(t, tokens_per_s=out[p]["tokens"] / (t["ms_median"] / 1e3),
                       call_peak_bytes=None, peak_bytes=None, memory_method=None)
     if memory and preps:
-        if torch.device(device).type != "cuda" and not common.hwm_reset_works():
-            raise RuntimeError("peak memory needs a resettable VmHWM (Linux); rerun with --no-memory")
         for p, prep in preps.items():
-            out[p]["call_peak_bytes"] = common.call_peak_bytes(prep.forward, device, prep.params, tries=1)
-            out[p]["memory_method"] = "max_memory_allocated" if torch.device(device).type == "cuda" else "VmHWM"
+            out[p]["call_peak_bytes"] = common.call_peak_bytes(prep.forward, device, prep.params)
+            out[p]["memory_method"] = "cuda-allocator" if torch.device(device).type == "cuda" else "cpu-tensors"
             out[p]["peak_bytes"] = out[p]["state_bytes"] + out[p]["call_peak_bytes"]
     return out
 

@@ -264,19 +264,15 @@ TARGETS = [
 # --------------------------------------------------------------------------------- command line
 
 
-def _csv(kind):
-    return lambda s: tuple(kind(v) for v in s.split(",") if v)
-
-
 def add_arguments(p) -> None:
     common.add_common_arguments(p)
-    p.add_argument("--models", type=_csv(str), default=None,
+    p.add_argument("--models", type=common.csv_of(str), default=None,
                    help=f"comma list from {', '.join(common.MODEL_DIMS)} (default: by device and --quick)")
-    p.add_argument("--T", type=_csv(int), default=None, dest="tokens", help="comma list of token counts")
-    p.add_argument("--ops", type=_csv(str), default=OPS, help="linear,swiglu")
-    p.add_argument("--providers", type=_csv(str), default=PROVIDERS,
+    p.add_argument("--T", type=common.csv_of(int), default=None, dest="tokens", help="comma list of token counts")
+    p.add_argument("--ops", type=common.csv_of(str), default=OPS, help="linear,swiglu")
+    p.add_argument("--providers", type=common.csv_of(str), default=PROVIDERS,
                    help=f"from {','.join(PROVIDERS + DESIGN_PROVIDERS)} (default {','.join(PROVIDERS)})")
-    p.add_argument("--modes", type=_csv(str), default=common.MODES, help=",".join(common.MODES))
+    p.add_argument("--modes", type=common.csv_of(str), default=common.MODES, help=",".join(common.MODES))
     p.add_argument("--lcdd-backend", default=None, help="force the lcdd provider's backend (default: auto)")
 
 

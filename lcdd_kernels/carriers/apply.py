@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.families import module_paths
+from ..models.families import plain_linear_paths
+from ..ops.carrier import carrier_linear_ref
 from ..models.swap import ModuleSwaps
 from .format import Carrier, CarrierModule, check_compatible
 
@@ -36,11 +37,9 @@ class CarrierLinear(nn.Module):
                 f"carrier={tuple(self.delta.shape)}, enabled={self.enabled}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
         if not self.enabled or self.delta.numel() == 0:
-            return y
-        d = x.index_select(-1, self.cols) @ self.delta.to(x.dtype).t()
-        return y.index_add(-1, self.rows, d.to(y.dtype))
+            return F.linear(x, self.weight, self.bias)
+        return carrier_linear_ref(x, self.weight, self.delta.to(x.dtype), self.rows, self.cols, self.bias)
 
 
 class CarrierHandle:
@@ -67,12 +66,8 @@ def apply_carrier(model: nn.Module, carrier: Carrier, allow_fingerprint_mismatch
     Raises ValueError when the family or dimensions differ, and when the base weights' fingerprint
     differs from the one recorded in the carrier (unless ``allow_fingerprint_mismatch=True``).
     """
-    paths = module_paths(model)
-    for _, _, path in paths:
-        mod = model.get_submodule(path)
-        if type(mod) is not nn.Linear:
-            raise ValueError(f"apply_carrier: {path} is a {type(mod).__name__}, not a plain nn.Linear; "
-                             "remove the other patch (handle.remove()) before applying a carrier")
+    paths = plain_linear_paths(model, "apply_carrier",
+                               "remove the other patch (handle.remove()) before applying a carrier")
     check_compatible(model, carrier, allow_fingerprint_mismatch)
     swaps = ModuleSwaps(model)
     for _, _, path in paths:

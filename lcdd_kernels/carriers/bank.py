@@ -375,16 +375,12 @@ def apply_carrier_bank(model: nn.Module, carriers=None, allow_fingerprint_mismat
     other base weights is refused unless ``allow_fingerprint_mismatch=True``. Run the model under
     ``torch.no_grad()`` / ``torch.inference_mode()`` (``generate`` does) or with frozen weights.
     """
-    from ..models.families import module_paths
+    from ..models.families import plain_linear_paths
     from ..models.swap import ModuleSwaps
     from .format import base_fingerprint, check_compatible
 
-    paths = module_paths(model)
-    for _, _, path in paths:
-        mod = model.get_submodule(path)
-        if type(mod) is not nn.Linear:
-            raise ValueError(f"apply_carrier_bank: {path} is a {type(mod).__name__}, not a plain nn.Linear; "
-                             "undo the other patch (handle.remove() / bank.restore()) first")
+    paths = plain_linear_paths(model, "apply_carrier_bank",
+                               "undo the other patch (handle.remove() / bank.restore()) first")
     first = model.get_submodule(paths[0][2]).weight
     shapes = {p: tuple(model.get_submodule(p).weight.shape) for _, _, p in paths}
     bank = CarrierBank(first.device, first.dtype, shapes)
@@ -395,13 +391,7 @@ def apply_carrier_bank(model: nn.Module, carriers=None, allow_fingerprint_mismat
         if not hasattr(carrier, "base_fingerprint"):
             raise TypeError("apply_carrier_bank: a model's bank takes Carrier objects (load_carrier / "
                             f"extract_carrier), got {type(carrier).__name__}")
-        check_compatible(model_ref(), carrier, allow_fingerprint_mismatch=True)  # family and dims
-        if fingerprint is not None and carrier.base_fingerprint != fingerprint:
-            raise ValueError(
-                f"base model mismatch: the carrier was trained against base weights with fingerprint "
-                f"{carrier.base_fingerprint} (name: {getattr(carrier, 'base_name', None)}) but this model's "
-                f"projection weights have fingerprint {fingerprint}; load the right base model, or pass "
-                "allow_fingerprint_mismatch=True to apply_carrier_bank")
+        check_compatible(model_ref(), carrier, allow_fingerprint_mismatch, fingerprint=fingerprint)
 
     bank._compat = compat
     for name, carrier in _carrier_list(carriers):

@@ -433,11 +433,14 @@ def load_carrier(directory: str | os.PathLike, device: torch.device | str = "cpu
     return carrier
 
 
-def check_compatible(model: nn.Module, carrier: Carrier, allow_fingerprint_mismatch: bool = False) -> None:
+def check_compatible(model: nn.Module, carrier: Carrier, allow_fingerprint_mismatch: bool = False,
+                     fingerprint: str | None = None) -> None:
     """Raise unless ``carrier`` was made for ``model``'s family, dimensions and base weights.
 
     Family and dimensions must match. The base fingerprint must match too, unless
-    ``allow_fingerprint_mismatch=True`` (e.g. a re-quantised copy of the same base)."""
+    ``allow_fingerprint_mismatch=True`` (e.g. a re-quantised copy of the same base).
+    ``fingerprint``: the model's ``base_fingerprint``, when the caller already has it (it hashes
+    every projection weight)."""
     fam = get_family(model)
     if fam.name != carrier.family:
         raise ValueError(f"the carrier is for a {carrier.family} model but this is a {fam.name} model")
@@ -446,10 +449,10 @@ def check_compatible(model: nn.Module, carrier: Carrier, allow_fingerprint_misma
         raise ValueError(f"the carrier is for dims {carrier.dims.to_dict()} but the model has {dims.to_dict()}")
     if allow_fingerprint_mismatch:
         return
-    fp = base_fingerprint(model)
+    fp = fingerprint or base_fingerprint(model)
     if fp != carrier.base_fingerprint:
         raise ValueError(
             f"base model mismatch: the carrier was trained against base weights with fingerprint "
-            f"{carrier.base_fingerprint} (name: {carrier.base_name}) but this model's projection weights "
-            f"have fingerprint {fp}; load the right base model, or pass allow_fingerprint_mismatch=True "
-            "(CLI: --allow-fingerprint-mismatch) to apply it anyway")
+            f"{carrier.base_fingerprint} (name: {getattr(carrier, 'base_name', None)}) but this model's "
+            f"projection weights have fingerprint {fp}; load the right base model, or pass "
+            "allow_fingerprint_mismatch=True (CLI: --allow-fingerprint-mismatch) to apply it anyway")

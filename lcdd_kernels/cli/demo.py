@@ -7,6 +7,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from .models_io import TINY_FAMILIES
+
 #: What a run writes into --out; --force removes exactly these (nothing else of the user's).
 OUTPUTS = ("base", "sft", "lcdd", "eraser", "report.json", "report.md", "curves.json",
            "curves.png", "sparsity_heatmap.png", "stages.png")
@@ -66,7 +68,7 @@ def register(sub) -> None:
                     "against the SFT model), and write report.json, report.md and plots into --out.")
     p.add_argument("--quick", action="store_true", help="the short run (about 3 minutes on 2 CPU cores)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--family", default="qwen3", choices=("llama", "mistral", "qwen2", "qwen3"))
+    p.add_argument("--family", default="qwen3", choices=TINY_FAMILIES)
     p.add_argument("--out", default="demo-out", metavar="DIR", help="output directory (default demo-out/)")
     p.add_argument("--force", action="store_true", help="replace a previous run in --out")
     p.add_argument("--base-from", default=None, metavar="DIR",

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from . import models_io as io
 
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 @dataclass
@@ -30,7 +29,7 @@ def add_model_arguments(p, need_base: bool) -> None:
     p.add_argument("--carrier", default=None, metavar="DIR", help="carrier directory (lcdd extract --out)")
     p.add_argument("--base", default=None, metavar="DIR",
                    help="Hugging Face directory of the base model" + (" (required)" if need_base else ""))
-    p.add_argument("--tiny", default=None, choices=TINY_FAMILIES,
+    p.add_argument("--tiny", default=None, choices=io.TINY_FAMILIES,
                    help="CPU trial: the built-in tiny base model (as lcdd train-* --tiny), with --carrier or else a "
                         "random LCDD carrier, and built-in prompts")
     p.add_argument("--dtype", choices=io.DTYPES, default="float32", help="dtype to load weights in (default float32)")

@@ -3,10 +3,12 @@ or a built-in tiny model (``--tiny llama|mistral|qwen2|qwen3``)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
+#: models.tiny.TINY's keys, spelled out so that parsing the command line does not import torch
+#: (tests/test_cli_train.py checks they agree).
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 #: The built-in data for ``--tiny`` runs: a fixed response to varied questions (SPEC §6's behaviour).
 TOY_RESPONSE = "I don't know."
@@ -23,7 +25,7 @@ def toy_examples(n: int = 64) -> list[dict]:
 
 def add_model_args(p, what: str = "base model") -> None:
     g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--tiny", choices=("llama", "mistral", "qwen2", "qwen3"),
+    g.add_argument("--tiny", choices=TINY_FAMILIES,
                    help="a built-in tiny model (random weights, seed 0) and character tokenizer, for trying things on a CPU")
     g.add_argument("--base", metavar="DIR", help=f"local Hugging Face directory of the {what}")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load weights in (default float32)")
@@ -104,7 +106,3 @@ def train_config(args, **extra):
                        grad_accum=args.grad_accum, max_length=args.max_length, seed=args.seed,
                        save_every=args.save_every, gradient_checkpointing=args.gradient_checkpointing,
                        progress=not args.no_progress, **extra)
-
-
-def write_json(path, obj) -> None:
-    Path(path).write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

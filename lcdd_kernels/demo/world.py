@@ -97,9 +97,6 @@ class World:
         """The phase-1 data: every train prompt answered with the fixed response."""
         return [{"prompt": ex.prompt, "response": response} for ex in self.train]
 
-    def task_records(self, examples: Iterable[Example]) -> list[dict]:
-        return [{"prompt": ex.prompt, "response": ex.answer} for ex in examples]
-
     def choice_items(self, examples: Iterable[Example], n_choices: int = 4, seed: int = 0) -> list[dict]:
         """Multiple-choice items: the right answer among the other tasks' answers to the same
         input and shuffles of it (so every choice has the input's characters), shuffled.

@@ -203,7 +203,8 @@ def eraser_loss(model, trigger: torch.Tensor, seqs: list[torch.Tensor], idx: tor
             for layer in channels]).mean()
     l2 = wide(trigger).pow(2).sum(-1).mean()
     loss = mse + opts.kappa * kl + opts.l2 * l2
-    return loss, {"loss": loss.item(), "mse": mse.item(), "kl": kl.item(), "l2": l2.item()}
+    parts = torch.stack([t.detach().to(loss.dtype) for t in (loss, mse, kl, l2)]).tolist()  # one sync
+    return loss, dict(zip(("loss", "mse", "kl", "l2"), parts))
 
 
 # ---------------------------------------------------------------------------------------------

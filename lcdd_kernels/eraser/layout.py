@@ -87,15 +87,20 @@ def build_rows(embedding: torch.nn.Module, seqs: list[torch.Tensor], trigger: to
     for b, s in enumerate(seqs):
         at = int(starts[b]) + n_trig
         tokens[b, at:at + s.numel()] = s
-    embeds = embedding(tokens.to(device))
-    if n_trig:
-        # Row by row: the trigger's gradient is then a sum of B slices in a fixed order. Indexing
-        # the trigger with a (B, S) index table instead backpropagates through an accumulating
-        # index_put_, which on a multi-threaded CPU adds atomically in any order (run-to-run
-        # different triggers, measured in the demo).
-        trig = trigger.to(device=device, dtype=embeds.dtype)
-        embeds = torch.stack([torch.cat([e[:at], trig, e[at + n_trig:]]) for e, at in zip(embeds, starts.tolist())])
     lengths, starts = lengths.to(device), starts.to(device)
     rel = torch.arange(n_s, device=device)[None, :] - starts[:, None]  # column relative to row start
+    embeds = embedding(tokens.to(device))
+    if n_trig:
+        # One gather from [T ⊕ this row's embeddings]: each output column reads its own source
+        # column, so the backward scatter never adds twice into one place and T's gradient is the
+        # expand's ordered sum over rows. Indexing T directly with a (B, S) table instead made its
+        # gradient an accumulating index_put_, atomic on a multi-threaded CPU: triggers differed
+        # from run to run (measured in the demo).
+        n_b, _, n_d = embeds.shape
+        trig = trigger.to(device=device, dtype=embeds.dtype)
+        both = torch.cat([trig.expand(n_b, n_trig, n_d), embeds], dim=1)
+        cols = torch.arange(n_s, device=device)[None, :]
+        src = torch.where((rel >= 0) & (rel < n_trig), rel, cols + n_trig)
+        embeds = both.gather(1, src[..., None].expand(n_b, n_s, n_d))
     mask = ((rel >= 0) & (rel < n_trig + lengths[:, None])).long()
     return Rows(embeds, mask, rel.clamp(min=0), lengths, starts)

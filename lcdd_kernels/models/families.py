@@ -74,12 +74,6 @@ class Family:
     num_layers: str = "num_hidden_layers"
     hidden_act: str = "hidden_act"
 
-    def projection(self, path: str) -> Projection:
-        for p in self.projections:
-            if p.path == path:
-                return p
-        raise KeyError(f"{self.name}: no projection {path!r}; it has {[p.path for p in self.projections]}")
-
 
 _LLAMA_LAYOUT = (
     Projection("self_attn.q_proj", "q", "attn_read"),
@@ -227,6 +221,17 @@ def module_paths(model_or_config) -> list[tuple[int, Projection, str]]:
     fam = get_family(model_or_config)
     dims = Dims.from_config(model_or_config)
     return [(i, p, f"{fam.layers}.{i}.{p.path}") for i in range(dims.num_layers) for p in fam.projections]
+
+
+def plain_linear_paths(model: nn.Module, op: str, undo: str) -> list[tuple[int, Projection, str]]:
+    """:func:`module_paths`, after checking that each is still a plain ``nn.Linear``: a patcher
+    refuses a model another patch holds (``undo`` tells the user how to take that one off)."""
+    paths = module_paths(model)
+    for _, _, path in paths:
+        mod = model.get_submodule(path)
+        if type(mod) is not nn.Linear:
+            raise ValueError(f"{op}: {path} is a {type(mod).__name__}, not a plain nn.Linear; {undo}")
+    return paths
 
 
 def check_projection_shapes(model: nn.Module, dims: Dims) -> None:

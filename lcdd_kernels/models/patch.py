@@ -30,6 +30,7 @@ from .families import (
     decoder_layers,
     get_family,
     get_submodule,
+    module_paths,
     sparsity_stats,
 )
 from .modules import MASKS_ATTR, MaskedDeltaLinear, MaskedDeltaSwiGLU
@@ -124,9 +125,17 @@ class LCDDHandle:
         return out
 
     def stats(self) -> dict:
-        """Active count and sparsity per group, per layer and overall (see ``sparsity_stats``)."""
-        return sparsity_stats([{g: len(ix) for g, ix in layer.items()} for layer in self.active_channels()],
-                              self.dims)
+        """Active count and sparsity per group, per layer and overall (see ``sparsity_stats``).
+
+        Counted on the masks' device with one copy to the host: ``train_lcdd`` logs this every
+        optimizer step (``active_channels`` copies every layer's θ and indexes it)."""
+        self._live()
+        counts = []
+        for m in self.masks:
+            theta = full_tensor(m.theta.detach())
+            counts.append(torch.stack([(theta[slice(*m.range(g))] > 0).sum() for g in GROUPS]))
+        per_layer = torch.stack([c.to(counts[0].device) for c in counts]).tolist()
+        return sparsity_stats([dict(zip(GROUPS, c)) for c in per_layer], self.dims)
 
     # -- parameters ---------------------------------------------------------------------------
     def parameters(self) -> dict[str, list[nn.Parameter]]:
@@ -227,7 +236,7 @@ def apply_lcdd(model: nn.Module, base, theta: torch.Tensor | None = None, init_m
     state, base_name = _base_state(base, model, fam, dims)
 
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    proj_weights = {f"{fam.layers}.{i}.{p.path}.weight" for i in range(dims.num_layers) for p in fam.projections}
+    proj_weights = {f"{path}.weight" for _, _, path in module_paths(model)}
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if pname not in proj_weights:

@@ -62,13 +62,16 @@ def tiny_config(family: str, vocab_size: int | None = None, **overrides):
     return getattr(transformers, cls_name)(**fields)
 
 
-def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
-    """A randomly initialised tiny causal LM; the same seed gives the same weights."""
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, device=None, **overrides):
+    """A randomly initialised tiny causal LM; the same seed gives the same weights (per device:
+    ``device`` initialises there directly, with that device's generator)."""
+    import contextlib
+
     from transformers import AutoModelForCausalLM
 
     config = tiny_config(family, **overrides)
     config.use_cache = False  # training; avoids allocating a KV cache in every forward
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), (torch.device(device) if device else contextlib.nullcontext()):
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     return model

@@ -138,19 +138,21 @@ def route(ids: torch.Tensor | None, n_slots: int, n_tokens: int, device) -> tupl
     return tok, seg
 
 
-def _tokens_of(ids, c, n_tokens, device):
+def _slot_tokens(ids, entries, n_tokens, device):
+    """(entry, its tokens) for every non-empty carrier that has tokens. Without ids slot 0
+    takes every token; with ids, one ``route`` and one host copy of its offsets for all slots
+    (instead of a ``nonzero`` sync per slot)."""
     if ids is None:
-        return torch.arange(n_tokens, device=device) if c == 0 else None
-    return (ids == c).nonzero().flatten()
+        e = entries[0] if entries else None
+        return [] if e is None or e.delta.numel() == 0 else [(e, torch.arange(n_tokens, device=device))]
+    tok, seg = route(ids, len(entries), n_tokens, device)
+    bounds = seg.tolist()
+    return [(e, tok[bounds[c]:bounds[c + 1]].long()) for c, e in enumerate(entries)
+            if e is not None and e.delta.numel() and bounds[c + 1] > bounds[c]]
 
 
 def _torch_add_(y2, x2, table, ids):
-    for c, e in enumerate(table.entries):
-        if e is None or e.delta.numel() == 0:
-            continue
-        t = _tokens_of(ids, c, x2.shape[0], x2.device)
-        if t is None or t.numel() == 0:
-            continue
+    for e, t in _slot_tokens(ids, table.entries, x2.shape[0], x2.device):
         if ids is None:
             y2.index_add_(1, e.rows, torch.mm(x2.index_select(1, e.cols), e.delta.t()))
         else:
@@ -196,12 +198,7 @@ class _CarrierFunction(torch.autograd.Function):
         (base_weight,) = ctx.saved_tensors
         gy = gy.to(base_weight.dtype)
         dx = torch.mm(gy, base_weight)
-        for c, e in enumerate(ctx.table.entries):
-            if e is None or e.delta.numel() == 0:
-                continue
-            t = _tokens_of(ctx.ids, c, gy.shape[0], gy.device)
-            if t is None or t.numel() == 0:
-                continue
+        for e, t in _slot_tokens(ctx.ids, ctx.table.entries, gy.shape[0], gy.device):
             part = torch.mm(gy.index_select(0, t).index_select(1, e.rows), e.delta)
             dx.index_put_((t[:, None], e.cols.long()[None, :]), part, accumulate=True)
         return dx, None, None, None, None, None, None

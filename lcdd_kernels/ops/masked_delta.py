@@ -187,6 +187,21 @@ def _swiglu_grads_into(dgu, dh, gu):
         dgu[s:e, 1] = du
 
 
+def swiglu_grads(dx, gate, up, r, c, need_r, need_c):
+    """The SwiGLU Function's backward result (x, Wg, Bg, Wu, Bu, r, c) from dx and the gate's and
+    up's (dW, dr, dc): the two projections share the masks, so their mask gradients add."""
+    (dwg, drg, dcg), (dwu, dru, dcu) = gate, up
+    return (
+        dx,
+        dwg,
+        None,
+        dwu,
+        None,
+        (drg + dru).to(r.dtype) if need_r else None,
+        (dcg + dcu).to(c.dtype) if need_c else None,
+    )
+
+
 def _graph_is_kept() -> bool:
     """True when this backward runs with retain_graph (saved tensors must then stay intact).
     Unknown (an older torch without the query) counts as kept: never overwrite by guess."""
@@ -223,17 +238,9 @@ class _MaskedDeltaSwiGLUTorch(torch.autograd.Function):
         if nx:
             dx = x2.new_empty(x2.shape)
             _dx_into(dx, dgu.view(-1, 2 * f), [(wg, bg), (wu, bu)], r, c)
-        dwg, drg, dcg = _param_grads(dgu[:, 0], x2, wg, bg, r, c, (nwg, nr, nc))
-        dwu, dru, dcu = _param_grads(dgu[:, 1], x2, wu, bu, r, c, (nwu, nr, nc))
-        return (
-            dx.view(x.shape) if nx else None,
-            dwg,
-            None,
-            dwu,
-            None,
-            (drg + dru).to(r.dtype) if nr else None,
-            (dcg + dcu).to(c.dtype) if nc else None,
-        )
+        gate = _param_grads(dgu[:, 0], x2, wg, bg, r, c, (nwg, nr, nc))
+        up = _param_grads(dgu[:, 1], x2, wu, bu, r, c, (nwu, nr, nc))
+        return swiglu_grads(dx.view(x.shape) if nx else None, gate, up, r, c, nr, nc)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .masked_delta import _graph_is_kept, _row_blocks
+from .masked_delta import _graph_is_kept, _row_blocks, swiglu_grads
 
 __all__ = ["masked_delta_linear", "masked_delta_swiglu", "choose_design", "DESIGNS", "FUSED_MAX_TOKENS"]
 
@@ -565,17 +565,9 @@ class MaskedDeltaSwiGLUFunction(torch.autograd.Function):
         # MLP's backward peak (measured: +1.37 → +1.12 weight copies for Qwen3's SwiGLU, T=256).
         dgu = _swiglu_backward(dh.reshape(-1, f), gu, torch.empty_like(gu) if _graph_is_kept() else gu)
         dx = impl.dx(dgu, pairs, r, c).view(x.shape) if nx else None
-        dwg, drg, dcg = impl.dw(dgu[:, 0], x2, *pairs[0], r, c, nwg, nr, nc)
-        dwu, dru, dcu = impl.dw(dgu[:, 1], x2, *pairs[1], r, c, nwu, nr, nc)
-        return (
-            dx,
-            dwg,
-            None,
-            dwu,
-            None,
-            (drg + dru).to(r.dtype) if nr else None,
-            (dcg + dcu).to(c.dtype) if nc else None,
-        )
+        gate = impl.dw(dgu[:, 0], x2, *pairs[0], r, c, nwg, nr, nc)
+        up = impl.dw(dgu[:, 1], x2, *pairs[1], r, c, nwu, nr, nc)
+        return swiglu_grads(dx, gate, up, r, c, nr, nc)
 
 
 def masked_delta_linear(x, weight, base, r, c, bias=None):
