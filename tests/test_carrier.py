@@ -189,6 +189,110 @@ def test_bank_gradient_to_x(backend):
     assert_close(f"{backend} dx", x1.grad, x2.grad)
 
 
+# ----- hardening (issue 14): any strides, degenerate shapes, unchecked ids ------------------------
+
+
+def x_layouts(t, k, gen):
+    """x of T tokens and K features in the layouts users pass, as (storage, view of it): zero
+    strides (expand; the cpp backend refused them: "lcdd_carrier_add_cpu: invalid argument"),
+    transposed, sliced."""
+    return {
+        "expanded": (torch.randn(1, k, generator=gen), lambda r: r.expand(t, k)),
+        "expanded-one-row": (torch.randn(k, generator=gen), lambda r: r.expand(1, k)),  # T = 1, row stride 0
+        "expanded-3d": (torch.randn(1, 1, k, generator=gen), lambda r: r.expand(2, t, k)),
+        "expanded-middle": (torch.randn(2, 1, k, generator=gen), lambda r: r.expand(2, t, k)),
+        "transposed": (torch.randn(k, t, generator=gen), lambda r: r.t()),
+        "sliced": (torch.randn(t, 2 * k, generator=gen), lambda r: r[:, 1::2]),
+        "row-sliced": (torch.randn(2 * t, k + 3, generator=gen), lambda r: r[::2, 2:2 + k]),  # row stride > K
+    }
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_any_x_strides(backend):
+    n, k, t = 23, 19, 6
+    _, base, bias = make_x(0, n, k)
+    delta, rows, cols = make_carrier(n, k, "sparse")
+    bank, carriers = make_bank(n, k)
+    w, w64 = to((base, delta, rows, cols, bias), torch.float32), to((base, delta, rows, cols, bias), torch.float64)
+    c32, c64 = [to(c, torch.float32) for c in carriers], [to(c, torch.float64) for c in carriers]
+    for name, (storage, view) in x_layouts(t, k, torch.Generator().manual_seed(3)).items():
+        for op in ("carrier", "bank"):
+            x = view(storage.to(DEVICE).requires_grad_(True))  # a view: the op sees its strides
+            x.retain_grad()
+            x64 = x.detach().double().requires_grad_(True)
+            ids = (torch.arange(x.numel() // k) % 5 - 1).to(DEVICE)
+            if op == "carrier":
+                out = L.carrier_linear(x, *w, backend=backend)
+                ref, lowp = dense_ref(x64, *w64), carrier_linear_ref(x.detach(), *w)
+            else:
+                out = L.bank_linear(x, w[0], bank, "proj", ids, w[-1], backend=backend)
+                ref = dense_bank_ref(x64.reshape(-1, k), w64[0], c64, ids, w64[-1]).reshape(out.shape)
+                lowp = bank_linear_ref(x.detach(), w[0], c32, ids, w[-1])
+            assert out.shape == x.shape[:-1] + (n,)
+            assert_close(f"{backend} {op} {name}", out, ref, lowp)
+            gy = torch.randn(out.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+            out.backward(gy)
+            ref.backward(gy.double())
+            assert_close(f"{backend} {op} dx {name}", x.grad, x64.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("t,n,k", [(4, 5, 0), (4, 0, 6), (0, 5, 6), (0, 0, 0), (3, 0, 0), (1, 0, 1)])
+def test_degenerate_shapes(backend, t, n, k):
+    """No input features, no outputs, no tokens (K = 0 / N = 0 failed with "cannot reshape tensor
+    of 0 elements" on torch and cpp): the right empty or zero answer, dx of x's shape."""
+    dtype = torch.float32 if backend == "cuda" else torch.float64
+    x, base, bias = to(make_x(t, n, k), dtype)
+    bank, carriers = make_bank(n, k, dtype=dtype)
+    ids = (torch.arange(t) % 5 - 1).to(DEVICE)
+    for op in ("carrier", "bank"):
+        for kind in ("sparse", "full"):
+            xg = x.clone().requires_grad_(True)
+            x64 = x.detach().double().clone().requires_grad_(True)
+            if op == "carrier":
+                carrier = to(make_carrier(n, k, kind), dtype)
+                y = L.carrier_linear(xg, base, *carrier, bias, backend=backend)
+                ref = dense_ref(x64, *to((base, *carrier, bias), torch.float64))
+            else:
+                y = L.bank_linear(xg, base, bank, "proj", ids, bias, backend=backend)
+                ref = dense_bank_ref(x64, base.double(), [to(c, torch.float64) for c in carriers], ids, bias.double())
+            assert y.shape == (t, n)
+            assert_close(f"{backend} {op} {kind}", y, ref.detach())
+            if k == 0:  # no input features: y = b exactly
+                assert torch.equal(y.detach(), bias.expand(t, n))
+            y.backward(torch.ones_like(y))
+            ref.backward(torch.ones_like(ref))
+            assert xg.grad.shape == (t, k)
+            assert_close(f"{backend} {op} dx", xg.grad, x64.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_ids_outside_the_bank_mean_the_base(backend):
+    """check_ids=False (ids checked elsewhere, no host sync) is defined for every id: one outside
+    [-1, slots) or of a removed carrier adds nothing (the base), on every backend alike. Before,
+    torch raised a bincount error for -5 and ignored 99, cpp refused both, reference ignored both."""
+    n, k = 21, 17
+    bank, carriers = make_bank(n, k)  # ids 0..3
+    bank.remove(2)
+    carriers[2] = None
+    ids = torch.tensor([-5, 0, 4, 1, 99, -1, 2, 3, -2, 3]).to(DEVICE)
+    as_base = torch.where((ids >= -1) & (ids < 4), ids, -1)
+    x, base, bias = to(make_x(ids.numel(), n, k), torch.float32)
+    with pytest.raises(ValueError, match="carrier id -5 is not in the bank"):
+        L.bank_linear(x, base, bank, "proj", ids, bias, backend=backend)
+    for id_dtype in (torch.int64, torch.int32):
+        xg = x.clone().requires_grad_(True)
+        x64 = x.detach().double().clone().requires_grad_(True)
+        out = L.bank_linear(xg, base, bank, "proj", ids.to(id_dtype), bias, backend=backend, check_ids=False)
+        ref = dense_bank_ref(x64, base.double(), [None if c is None else to(c, torch.float64) for c in carriers],
+                             as_base, bias.double())
+        assert_close(backend, out, ref.detach(), bank_linear_ref(x, base, [None if c is None else to(c, torch.float32)
+                                                                            for c in carriers], as_base, bias))
+        out.sum().backward()
+        ref.sum().backward()
+        assert_close(f"{backend} dx", xg.grad, x64.grad)
+
+
 # ----- dispatch and the package without _C -------------------------------------------------------
 
 

@@ -28,6 +28,8 @@ def make(b, s, d, c, dtype=torch.float32, layout="contiguous", ch_dtype=torch.in
         hidden = torch.randn(b, d, s, dtype=dtype, device=device).transpose(1, 2)
     elif layout == "sliced":  # a view into a wider, longer tensor
         hidden = torch.randn(b, s + 3, d + 5, dtype=dtype, device=device)[:, 2:s + 2, 1:d + 1]
+    elif layout == "expanded":  # zero strides: one row and one position shared by all
+        hidden = torch.randn(1, 1, d, dtype=dtype, device=device).expand(b, s, d)
     else:
         hidden = torch.randn(b, s, d, dtype=dtype, device=device)
     positions = torch.randint(0, s, (b,), device=device)
@@ -37,7 +39,7 @@ def make(b, s, d, c, dtype=torch.float32, layout="contiguous", ch_dtype=torch.in
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced", "expanded"])
 def test_forward_matches_indexing(backend, dtype, layout):
     if backend == "cpp" and DEVICE != "cpu":
         pytest.skip("cpp runs on CPU tensors")

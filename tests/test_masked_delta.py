@@ -120,6 +120,26 @@ def test_linear_empty_batch(backend):
     assert torch.equal(w.grad, torch.zeros_like(w))
 
 
+# No input features, no outputs, no tokens (issue 14: "cannot reshape tensor of 0 elements" in the
+# torch backend): the right empty or zero answer, and zero gradients of the right shapes.
+DEGENERATE = [((4,), 0, 5), ((4,), 6, 0), ((0,), 6, 5), ((2, 3), 0, 0), ((0,), 0, 3), ((3, 0), 5, 0)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead,k,n", DEGENERATE, ids=str)
+def test_linear_degenerate_shapes(backend, lead, k, n):
+    check_linear(backend, torch.float32, lead, k, n)
+    x, w, base, r, c, b = make_case(lead, k, n)
+    for t in (x, w, r, c, b):
+        t.requires_grad_(True)
+    y = L.masked_delta_linear(x, w, base, r, c, b, backend=backend)
+    assert y.shape == (*lead, n)
+    if k == 0:  # no input features: y = b exactly
+        assert torch.equal(y.detach(), b.detach().expand_as(y))
+    y.backward(torch.ones_like(y))
+    assert [t.grad.shape for t in (x, w, r, c, b)] == [x.shape, w.shape, r.shape, c.shape, b.shape]
+
+
 SWI_GRADS = [0, 1, 3, 5, 6]
 SWI_NAMES = ["x", "gate_weight", "up_weight", "hidden_mask", "read_mask"]
 
@@ -146,6 +166,18 @@ def test_swiglu(backend, dtype, lead, k, f, mask_kind):
     assert_close("h", out.cpu(), ref_out, low_out.cpu(), dtype)
     for name, g, rg, lg in zip(SWI_NAMES, grads, ref_grads, low_grads):
         assert_close(f"d{name}", g.cpu(), rg, lg.cpu(), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead,k,f", DEGENERATE, ids=str)
+def test_swiglu_degenerate_shapes(backend, lead, k, f):
+    args = make_swiglu(lead, k, f)
+    ref_out, ref_grads = run(masked_delta_swiglu_ref, args, SWI_GRADS, torch.float64, "cpu")
+    out, grads = run(L.masked_delta_swiglu, args, SWI_GRADS, torch.float32, DEVICE, backend)
+    assert out.shape == (*lead, f)
+    assert_close("h", out.cpu(), ref_out, dtype=torch.float32)
+    for name, g, rg in zip(SWI_NAMES, grads, ref_grads):
+        assert_close(f"d{name}", g.cpu(), rg, dtype=torch.float32)
 
 
 def test_torch_backend_gradcheck():

@@ -196,3 +196,56 @@ def test_bad_design_is_named(monkeypatch):
     x, w, base, r, c, b = make_case((2,), 3, 4)
     with pytest.raises(ValueError, match="LCDD_TRITON_DESIGN='cublas'.*fused, split or auto"):
         L.masked_delta_linear(x, w, base, r, c, b, backend="triton")
+
+
+# ----- float64 (issue 14: the kernels accumulate in fp32 and returned wrong float64 values) --------
+
+
+def _f64_case():
+    x, w, base, r, c, b = [a.double() for a in make_case((4,), 8, 4, "soft")]
+    return x.to(DEVICE), w.to(DEVICE), base.to(DEVICE), r.to(DEVICE), c.to(DEVICE), b.to(DEVICE)
+
+
+def test_float64_is_refused_when_triton_is_asked_for(monkeypatch):
+    x, w, base, r, c, b = _f64_case()
+    swi = [a.double().to(DEVICE) for a in make_swiglu((3,), 8, 5)]
+    words = r"float64.*backend='torch' or 'reference'"
+    with pytest.raises(ValueError, match=words):
+        L.masked_delta_linear(x, w, base, r, c, b, backend="triton")
+    with pytest.raises(ValueError, match=words):
+        L.masked_delta_swiglu(*swi, backend="triton")
+    monkeypatch.setenv("LCDD_BACKEND", "triton")  # a request too, from the environment
+    with pytest.raises(ValueError, match=words):
+        L.masked_delta_linear(x, w, base, r, c, b)
+    with L.use_backend("triton"), pytest.raises(ValueError, match=words):
+        L.masked_delta_swiglu(*swi)
+
+
+def test_float64_goes_to_torch_when_the_choice_is_automatic(monkeypatch):
+    """On a GPU the automatic choice is Triton; here the selection is made to answer Triton the way
+    it does on CUDA tensors. float64 must then run on the torch backend, float32 stays on Triton."""
+    from lcdd_kernels import _backend
+
+    real = _backend.select
+    monkeypatch.delenv("LCDD_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "select", lambda op, dev, impl, auto, backend=None:
+                        "triton" if backend is None and _backend.requested() is None else real(op, dev, impl, auto, backend))
+    ran = []
+    for name in ("masked_delta_linear", "masked_delta_swiglu"):
+        fn = getattr(M, name)
+        monkeypatch.setattr(M, name, lambda *a, _fn=fn: ran.append(a[0].dtype) or _fn(*a))
+    x, w, base, r, c, b = _f64_case()
+    w.requires_grad_(True)
+    y = L.masked_delta_linear(x, w, base, r, c, b)
+    ref = masked_delta_linear_ref(x, w, base, r, c, b)
+    assert (y - ref).abs().max().item() < 1e-12
+    y.sum().backward()
+    gw = w.grad.clone()
+    w.grad = None
+    ref.sum().backward()
+    assert (gw - w.grad).abs().max().item() < 1e-12
+    swi = [a.double().to(DEVICE) for a in make_swiglu((3,), 8, 5)]
+    assert (L.masked_delta_swiglu(*swi) - masked_delta_swiglu_ref(*swi)).abs().max().item() < 1e-12
+    assert ran == []  # neither float64 call reached the Triton kernels
+    L.masked_delta_linear(*[a.float() for a in (x, w.detach(), base, r, c, b)])
+    assert ran == [torch.float32]

@@ -27,6 +27,7 @@ that gradient silently): freeze the weights, run under ``torch.no_grad()`` /
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 
 from .. import _backend, _checks
 from . import _native
-from .masked_delta import _autocast
+from .masked_delta import _autocast, _flat
 
 __all__ = ["carrier_linear", "bank_linear", "carrier_linear_ref", "bank_linear_ref", "CarrierTable"]
 
@@ -57,8 +58,8 @@ def bank_linear_ref(x, base_weight, carriers, carrier_ids, bias=None):
     """``carriers``: one (delta, rows, cols) or None per carrier id; ``carrier_ids``: (T,) with
     T = x.numel() / K, −1 for none. Returns (..., N)."""
     n, k = base_weight.shape
-    y = F.linear(x, base_weight, bias).reshape(-1, n)
-    x2 = x.reshape(-1, k)
+    y = _flat(F.linear(x, base_weight, bias), n)
+    x2 = _flat(x, k)
     for c, item in enumerate(carriers):
         if item is None:
             continue
@@ -130,12 +131,21 @@ def _base(x2, base_weight, bias):
 
 def route(ids: torch.Tensor | None, n_slots: int, n_tokens: int, device) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Token order grouped by slot and the (slots + 1,) offsets, with no host sync: slot c's
-    tokens are ``tok[seg[c]:seg[c + 1]]`` (tokens with id −1 sort first and are skipped)."""
+    tokens are ``tok[seg[c]:seg[c + 1]]`` (tokens with id −1 sort first and are skipped; so do
+    ids outside [−1, n_slots), which only unchecked ids can hold: see :func:`bank_linear`)."""
     if ids is None:
         return None, torch.tensor([0, n_tokens], dtype=torch.int32, device=device)
-    tok = torch.argsort(ids, stable=True).to(torch.int32)
-    seg = torch.cumsum(torch.bincount(ids.long() + 1, minlength=n_slots + 1), 0).to(torch.int32)
+    key = ids.long() + 1
+    key = key.masked_fill((key < 0) | (key > n_slots), 0)
+    tok = torch.argsort(key, stable=True).to(torch.int32)
+    seg = torch.cumsum(torch.bincount(key, minlength=n_slots + 1), 0).to(torch.int32)
     return tok, seg
+
+
+def ids_or_base(ids: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """Unchecked ids with every id outside [−1, n_slots) replaced by −1 (on the device, no host
+    sync): the native kernels index their table by id, so they get only ids in range."""
+    return ids.masked_fill((ids < -1) | (ids >= n_slots), -1)
 
 
 def _slot_tokens(ids, entries, n_tokens, device):
@@ -279,14 +289,17 @@ def _select_uncached(op, x, n_tok, backend):
 
 def _run(op, name, x, base_weight, bias, table, ids, routing, deltas):
     n, k = base_weight.shape
-    x2 = x.reshape(-1, k)
+    x2 = _flat(x, k)
     _no_weight_grads(op, base_weight, bias, deltas)
     if name in ("cuda", "cpp", "triton"):
         if not base_weight.is_contiguous() and name != "triton":
             raise ValueError(f"{op}: base_weight must be contiguous for the {name!r} backend (it reads raw "
                              f"rows); pass base_weight.contiguous() or use backend='torch'")
-        if x2.stride(-1) != 1:
-            x2 = x2.contiguous()
+        # The kernels read rows of unit column stride, K apart at least (the C API's x_stride ≥ K).
+        # An expanded x (row stride 0) is "contiguous" to torch when it has one row, so this
+        # copies with clone, which always lays rows out K apart.
+        if x2.stride(-1) != 1 or x2.stride(0) < k:
+            x2 = x2.clone(memory_format=torch.contiguous_format)
         bias = bias.contiguous() if bias is not None else None
     if torch.is_grad_enabled() and x.requires_grad:
         y2 = _CarrierFunction.apply(x2, base_weight, bias, table, ids, routing, name)
@@ -317,7 +330,7 @@ def carrier_linear(x, base_weight, delta, rows, cols, bias=None, *, backend=None
     _check_linear(op, x, base_weight, bias)
     _check_carrier(op, x, base_weight, delta, rows, cols)
     x, base_weight, delta, bias = _autocast(x, base_weight, delta, bias)
-    name = _select(op, x, x.numel() // max(x.shape[-1], 1), backend)
+    name = _select(op, x, math.prod(x.shape[:-1]), backend)
     if name == "reference":
         return carrier_linear_ref(x, base_weight, delta, rows, cols, bias)
     n, k = base_weight.shape
@@ -336,17 +349,18 @@ def bank_linear(x, base_weight, bank, module_name, carrier_ids, bias=None, *, ba
         carrier_ids: (T,) int32/int64 carrier id per token (``bank.add`` returns ids), −1 for none.
         bias: (N,) or None.
         backend: as for :func:`carrier_linear`.
-        check_ids: check that every id is −1 or a carrier in the bank (one host sync on a GPU).
-            Pass False only for ids checked already (``bank.carriers(...)`` checks once per
-            forward); an id of an empty or removed slot then adds nothing.
+        check_ids: check that every id is −1 or a carrier in the bank (one reduction and one
+            host sync on a GPU), else raise. With False nothing is checked and every id outside
+            the bank counts as −1, on every backend alike: an id < −1, ≥ the bank's slot count,
+            or of a removed carrier adds nothing (the token gets the base projection). For ids
+            checked already, e.g. once per forward as ``bank.carriers(...)`` does.
 
     Returns:
         (..., N) in x's dtype; differentiable in x only.
     """
     op = "bank_linear"
     _check_linear(op, x, base_weight, bias)
-    k = base_weight.shape[1]
-    n_tok = x.numel() // k if k else 0
+    n_tok = math.prod(x.shape[:-1])
     _checks.tensor(op, "carrier_ids", carrier_ids)
     if carrier_ids.dtype not in _checks.INDEX_DTYPES:
         raise TypeError(f"{op}: carrier_ids must be int32 or int64, got {carrier_ids.dtype}")
@@ -354,21 +368,24 @@ def bank_linear(x, base_weight, bank, module_name, carrier_ids, bias=None, *, ba
     _checks.same_device(op, "x", x, carrier_ids=carrier_ids)
     if check_ids:
         bank.check_ids(carrier_ids, op)
-    return _bank_linear(x, base_weight, bias, bank, module_name, carrier_ids, backend)
+    return _bank_linear(x, base_weight, bias, bank, module_name, carrier_ids, backend, checked=check_ids)
 
 
-def _bank_linear(x, base_weight, bias, bank, module_name, carrier_ids, backend=None):
+def _bank_linear(x, base_weight, bias, bank, module_name, carrier_ids, backend=None, checked=True):
     """:func:`bank_linear` after its argument checks. A bank-served model's projections call this
-    directly: their weight and bias are the model's, the context's ids were checked once."""
+    directly: their weight and bias are the model's, the context's ids were checked once.
+    ``checked=False``: ids may lie outside the bank (they then mean −1, see bank_linear)."""
     op = "bank_linear"
     x, base_weight, bias = _autocast(x, base_weight, bias)
     n, k = base_weight.shape
     table = bank.table(module_name, x.device, x.dtype, (n, k))
-    name = _select(op, x, x.numel() // k if k else 0, backend)
-    if name == "reference":
+    name = _select(op, x, math.prod(x.shape[:-1]), backend)
+    if name == "reference":  # ids outside the table match no carrier there
         items = [None if e is None else (e.delta, e.rows, e.cols) for e in table.entries]
         return bank_linear_ref(x, base_weight, items, carrier_ids, bias)
     ids = carrier_ids if carrier_ids.dtype == torch.int32 else carrier_ids.to(torch.int32)
     ids = ids.contiguous()
+    if not checked and name in ("cpp", "cuda"):  # torch and triton route through route(), which skips them
+        ids = ids_or_base(ids, len(table))
     routing = bank.routing(ids, len(table)) if name == "triton" else None
     return _run(op, name, x, base_weight, bias, table, ids, routing, (e.delta for e in table.entries if e))

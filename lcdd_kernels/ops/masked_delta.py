@@ -69,6 +69,12 @@ def _row_blocks(n: int, k: int):
     return [(s, min(n, s + step)) for s in range(0, n, step)]
 
 
+def _flat(t: torch.Tensor, width: int) -> torch.Tensor:
+    """(..., width) -> (T, width). ``reshape(-1, width)`` cannot infer T when width is 0
+    (K = 0 input features or N = 0 outputs), so T is given."""
+    return t.reshape(math.prod(t.shape[:-1]), width)
+
+
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: fp32 for half types, never below the inputs' own (float64 stays float64)."""
     return torch.promote_types(dtype, torch.float32)
@@ -132,7 +138,7 @@ class _MaskedDeltaLinearTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, base, r, c, bias):
         k = x.shape[-1]
-        x2 = x.reshape(-1, k)
+        x2 = _flat(x, k)
         y2 = x2.new_empty(x2.shape[0], weight.shape[0])
         _forward_into(y2, x2, weight, base, r, c)
         if bias is not None:
@@ -146,8 +152,8 @@ class _MaskedDeltaLinearTorch(torch.autograd.Function):
         x, weight, base, r, c = ctx.saved_tensors
         nx, nw, _, nr, nc, nb = ctx.needs_input_grad
         k, n = x.shape[-1], weight.shape[0]
-        x2 = x.reshape(-1, k)
-        g2 = gy.reshape(-1, n).to(x.dtype)
+        x2 = _flat(x, k)
+        g2 = _flat(gy, n).to(x.dtype)
         dx = None
         if nx:
             dx = x2.new_empty(x2.shape)
@@ -218,7 +224,7 @@ class _MaskedDeltaSwiGLUTorch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, wg, bg, wu, bu, r, c):
         k, f = x.shape[-1], wg.shape[0]
-        x2 = x.reshape(-1, k)
+        x2 = _flat(x, k)
         gu = x2.new_empty(x2.shape[0], 2, f)
         _forward_into(gu[:, 0], x2, wg, bg, r, c)
         _forward_into(gu[:, 1], x2, wu, bu, r, c)
@@ -231,13 +237,13 @@ class _MaskedDeltaSwiGLUTorch(torch.autograd.Function):
         x, wg, bg, wu, bu, r, c, gu = ctx.saved_tensors
         nx, nwg, _, nwu, _, nr, nc = ctx.needs_input_grad
         k, f = x.shape[-1], wg.shape[0]
-        x2 = x.reshape(-1, k)
+        x2 = _flat(x, k)
         dgu = torch.empty_like(gu) if _graph_is_kept() else gu
-        _swiglu_grads_into(dgu, dh.reshape(-1, f), gu)
+        _swiglu_grads_into(dgu, _flat(dh, f), gu)
         dx = None
         if nx:
             dx = x2.new_empty(x2.shape)
-            _dx_into(dx, dgu.view(-1, 2 * f), [(wg, bg), (wu, bu)], r, c)
+            _dx_into(dx, dgu.view(dgu.shape[0], 2 * f), [(wg, bg), (wu, bu)], r, c)
         gate = _param_grads(dgu[:, 0], x2, wg, bg, r, c, (nwg, nr, nc))
         up = _param_grads(dgu[:, 1], x2, wu, bu, r, c, (nwu, nr, nc))
         return swiglu_grads(dx.view(x.shape) if nx else None, gate, up, r, c, nr, nc)
@@ -299,8 +305,18 @@ def _check_projection(op, x, pairs, row_mask, col_mask, bias=None, row_name="row
         _checks.same_device(op, "x", x, bias=bias)
 
 
-def _pick(op, device, backend):
-    return _backend.select(op, device, _IMPLEMENTED, _AUTO, backend)
+def _pick(op, device, backend, dtype=None):
+    name = _backend.select(op, device, _IMPLEMENTED, _AUTO, backend)
+    if name == "triton" and dtype == torch.float64:
+        # The Triton kernels form W_eff and accumulate in fp32: float64 would come back with fp32
+        # accuracy or worse. An explicit request is refused; the automatic choice takes torch.
+        explicit = (backend is not None and backend.strip().lower() != "auto") or _backend.requested() is not None
+        if explicit:
+            raise ValueError(f"{op}: backend 'triton' computes float32, float16 and bfloat16 (it accumulates "
+                             f"in fp32), got float64; use backend='torch' or 'reference' for float64, "
+                             f"or cast the inputs with .float()")
+        return "torch"
+    return name
 
 
 def masked_delta_linear(x, weight, base_weight, row_mask, col_mask, bias=None, *, backend=None):
@@ -323,7 +339,7 @@ def masked_delta_linear(x, weight, base_weight, row_mask, col_mask, bias=None, *
     x, weight, base_weight, bias = _autocast(x, weight, base_weight, bias)
     _check_projection(op, x, [("weight", weight, "base_weight", base_weight)], row_mask, col_mask, bias)
     r, c = row_mask.to(x.dtype), col_mask.to(x.dtype)
-    name = _pick(op, x.device, backend)
+    name = _pick(op, x.device, backend, x.dtype)
     if name == "reference":
         return masked_delta_linear_ref(x, weight, base_weight, r, c, bias)
     if name == "triton":
@@ -353,7 +369,7 @@ def masked_delta_swiglu(x, gate_weight, gate_base, up_weight, up_base, hidden_ma
         hidden_mask, read_mask, row_name="hidden_mask", col_name="read_mask",
     )
     r, c = hidden_mask.to(x.dtype), read_mask.to(x.dtype)
-    name = _pick(op, x.device, backend)
+    name = _pick(op, x.device, backend, x.dtype)
     if name == "reference":
         return masked_delta_swiglu_ref(x, gate_weight, gate_base, up_weight, up_base, r, c)
     if name == "triton":
