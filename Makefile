@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 BUILD  ?= build/cmake
 STAMP  := $(VENV)/.lcdd-installed
 
-.PHONY: all install native test test-python test-native bench demo clean distclean
+.PHONY: all install native test test-python test-native fuzz bench demo clean distclean
 
 all: test
 
@@ -34,6 +34,11 @@ test-python: native
 	$(PY) -m pytest -q tests
 
 test: test-native test-python
+
+# A long differential fuzz run: hypothesis profile "fuzz" (tests/conftest.py; `make test` runs the
+# same suites with the small, derandomized "ci" profile). Prints the cases checked per op/backend.
+fuzz: native
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz_ops.py
 
 # Benchmarks on this machine (CPU, or the GPU when there is one) into $(BENCH_OUT) (not committed;
 # the committed results in benchmarks/results/ come from the commands in the README), then the

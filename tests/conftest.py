@@ -24,3 +24,27 @@ def _seed_and_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Hypothesis profiles (HYPOTHESIS_PROFILE selects one; "ci" is the default of `make test`):
+# "ci" runs few, derandomized examples (the same cases every run: CI cannot go red by chance);
+# "fuzz" (`make fuzz`) runs many random ones. No deadline: the Triton interpreter's first call
+# of a kernel compiles it.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=1000, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fuzz suites' case counts (tests/fuzz_report.py), when any ran."""
+    from .fuzz_report import summary
+
+    lines = summary()
+    if lines:
+        terminalreporter.section("fuzz cases checked (op/backend/dtype)")
+        for line in lines:
+            terminalreporter.write_line(line)
