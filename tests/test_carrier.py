@@ -280,10 +280,12 @@ def test_unchecked_ids_outside_the_bank_mean_the_base(backend):
     x, base, bias = to(make_x(ids.numel(), n, k), torch.float32)
     with pytest.raises(ValueError, match="carrier id -5 is not in the bank"):
         L.bank_linear(x, base, bank, "proj", ids, bias, backend=backend)
-    for id_dtype in (torch.int64, torch.int32):
+    wraps = ids.clone()
+    wraps[0], wraps[4] = 2**32, 2**32 + 3  # int64 ids that are 0 and 3 once truncated to int32
+    for id_dtype, given in ((torch.int64, ids), (torch.int32, ids), (torch.int64, wraps)):
         xg = x.clone().requires_grad_(True)
         x64 = x.detach().double().clone().requires_grad_(True)
-        out = L.bank_linear(xg, base, bank, "proj", ids.to(id_dtype), bias, backend=backend, check_ids=False)
+        out = L.bank_linear(xg, base, bank, "proj", given.to(id_dtype), bias, backend=backend, check_ids=False)
         ref = dense_bank_ref(x64, base.double(), [None if c is None else to(c, torch.float64) for c in carriers],
                              as_base, bias.double())
         assert_close(backend, out, ref.detach(), bank_linear_ref(x, base, [None if c is None else to(c, torch.float32)

@@ -383,9 +383,11 @@ def _bank_linear(x, base_weight, bias, bank, module_name, carrier_ids, backend=N
     if name == "reference":  # ids outside the table match no carrier there
         items = [None if e is None else (e.delta, e.rows, e.cols) for e in table.entries]
         return bank_linear_ref(x, base_weight, items, carrier_ids, bias)
-    ids = carrier_ids if carrier_ids.dtype == torch.int32 else carrier_ids.to(torch.int32)
-    ids = ids.contiguous()
-    if not checked and name in ("cpp", "cuda"):  # torch and triton route through route(), which skips them
+    ids = carrier_ids
+    if not checked and (name in ("cpp", "cuda") or ids.dtype != torch.int32):
+        # The native kernels index their table by id, and an int64 id could wrap into range as
+        # int32; torch and Triton skip out-of-range int32 ids themselves (route()).
         ids = ids_or_base(ids, len(table))
+    ids = (ids if ids.dtype == torch.int32 else ids.to(torch.int32)).contiguous()
     routing = bank.routing(ids, len(table)) if name == "triton" else None
     return _run(op, name, x, base_weight, bias, table, ids, routing, (e.delta for e in table.entries if e))
