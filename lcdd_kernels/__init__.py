@@ -40,7 +40,7 @@ _EXPORTS: dict[str, str] = {
     "Carrier": ".carriers.format",
     "CarrierModule": ".carriers.format",
     "extract_carrier": ".carriers.format",
-    "load_carrier": ".carriers.format",
+    "load_carrier": ".carriers.loading",
     "base_fingerprint": ".carriers.format",
     "apply_carrier": ".carriers.apply",
     # training (SPEC §3)

@@ -19,7 +19,7 @@ BACKENDS = ["torch", "triton"] + (["cpp"] if _backend.native_available() else []
 
 def _carrier(family, sft_seed, base_seed=0, dtype=torch.float32):
     handle = apply_lcdd(tiny_model(family, seed=sft_seed, dtype=dtype), tiny_model(family, seed=base_seed, dtype=dtype),
-                        seed=sft_seed, init_mean=0.0, init_std=1.0)
+                        seed=sft_seed, init_mean=0.0, init_std=1.0, non_projection="base")
     return L.extract_carrier(handle, include_theta=False)
 
 

@@ -17,11 +17,11 @@ from lcdd_kernels.models.tiny import TINY, tiny_model
 from .helpers import assert_close
 
 
-def _lcdd(family="llama", dtype=torch.float64, seed=0):
+def _lcdd(family="llama", dtype=torch.float64, seed=0, non_projection="base"):
     sft, base = tiny_model(family, seed=1, dtype=dtype), tiny_model(family, seed=0, dtype=dtype)
     n = Dims.from_config(sft).num_masks
     theta = torch.randn(n, generator=torch.Generator().manual_seed(seed))
-    return sft, base, L.apply_lcdd(sft, base, theta=theta)
+    return sft, base, L.apply_lcdd(sft, base, theta=theta, non_projection=non_projection)
 
 
 def _ids():
@@ -45,10 +45,13 @@ def _copy(saved, tmp_path):
     return d
 
 
+@pytest.mark.parametrize("non_projection", ["base", "sft"])
 @pytest.mark.parametrize("family", list(TINY))
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_save_load_apply_equals_lcdd_model(family, dtype, tmp_path):
-    sft, base, handle = _lcdd(family, dtype)
+def test_save_load_apply_equals_lcdd_model(family, dtype, non_projection, tmp_path):
+    # the tiny SFT and base models differ in their embeddings and lm_head too: in "sft" mode the
+    # carrier carries them as dense parts
+    sft, base, handle = _lcdd(family, dtype, non_projection=non_projection)
     sft.eval()
     ids = _ids()
     want = sft(input_ids=ids).logits.detach()
@@ -81,7 +84,7 @@ def test_save_load_apply_equals_lcdd_model(family, dtype, tmp_path):
 def test_config_fields_and_sizes(saved):
     cfg = json.loads((saved / CONFIG_NAME).read_text())
     c = L.load_carrier(saved)
-    assert cfg["format_version"] == 1 and cfg["carrier_type"] == "lcdd" and cfg["model_type"] == "llama"
+    assert cfg["format_version"] == 2 and cfg["carrier_type"] == "lcdd" and cfg["model_type"] == "llama"
     assert cfg["dtype"] == "float32"
     assert cfg["target_modules"] == ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                      "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]

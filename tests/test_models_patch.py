@@ -43,7 +43,7 @@ def test_logits_and_gradients_match_spec_reference(family):
     sft, base, plain = _pair(family)
     sft_state = {k: v.clone() for k, v in sft.state_dict().items()}
     theta = _mixed_theta(Dims.from_config(sft).num_masks)
-    handle = L.apply_lcdd(sft, base, theta=theta)
+    handle = L.apply_lcdd(sft, base, theta=theta, non_projection="base")
     ref = SpecLCDD(plain, sft_state, base.state_dict(), theta)
     batch = _batch()
 
@@ -73,7 +73,7 @@ def test_edge_masks_give_base_and_sft(family):
             p.copy_((sft if n.endswith("_proj.weight") else base).state_dict()[n])
     n = Dims.from_config(sft).num_masks
     batch = _batch()
-    handle = L.apply_lcdd(sft, base, theta=-torch.ones(n))
+    handle = L.apply_lcdd(sft, base, theta=-torch.ones(n), non_projection="base")
     sft.eval()
     assert_close("all off == base", sft(**batch).logits, base(**batch).logits)
     handle.set_flat_theta(torch.ones(n))
@@ -132,7 +132,7 @@ def test_bf16_autocast_on_cpu():
     sft, base, plain = _pair("qwen3", dtype=torch.float32)
     sft_state = {k: v.clone() for k, v in sft.state_dict().items()}
     theta = _mixed_theta(Dims.from_config(sft).num_masks, dtype=torch.float32)
-    handle = L.apply_lcdd(sft, base, theta=theta)
+    handle = L.apply_lcdd(sft, base, theta=theta, non_projection="base")
     ref = SpecLCDD(plain, sft_state, base.state_dict(), theta)
     batch = _batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -150,7 +150,7 @@ def test_bf16_autocast_on_cpu():
 def test_masks_per_layer_and_stats():
     sft, base, _ = _pair("qwen3", dtype=torch.float32)
     theta = _mixed_theta(Dims.from_config(sft).num_masks, dtype=torch.float32)
-    handle = L.apply_lcdd(sft, base, theta=theta)
+    handle = L.apply_lcdd(sft, base, theta=theta, non_projection="base")
     layers = L.decoder_layers(sft)
     assert [layer.lcdd_masks for layer in layers] == handle.masks
     assert list(handle.masks[0].groups) == list(GROUPS)

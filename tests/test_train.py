@@ -71,7 +71,7 @@ def test_lcdd_loop_matches_spec_reference_step_by_step(family):
     examples = _examples()
     cfg = TrainConfig(lr=5e-3, mask_lr=0.5, batch_size=2, grad_accum=2, max_steps=6, shuffle=False,
                       max_grad_norm=0.5, progress=False, plot=False)
-    handle = L.apply_lcdd(sft, base, theta=theta0)
+    handle = L.apply_lcdd(sft, base, theta=theta0, non_projection="base")
     result = train_lcdd(sft, None, examples, config=cfg, controller=DualController(**CTL), handle=handle)
     ref_losses, ref, ref_ctl = _reference_run(plain, sft_state, base.state_dict(), theta0, examples, cfg, 6)
 
@@ -195,12 +195,12 @@ def test_trainer_callback_matches_own_loop(tmp_path, capsys):
                                 generator=torch.Generator().manual_seed(0))
 
     sft, base = tiny_model("llama", seed=1), tiny_model("llama", seed=0)
-    handle = L.apply_lcdd(sft, base, theta=theta0)
+    handle = L.apply_lcdd(sft, base, theta=theta0, non_projection="base")
     own = train_lcdd(sft, None, examples, handle=handle, controller=DualController(**CTL), lr=1e-3, mask_lr=0.5,
                      batch_size=4, max_steps=n_steps, shuffle=False, max_grad_norm=None, progress=False)
 
     sft, base = tiny_model("llama", seed=1), tiny_model("llama", seed=0)
-    handle = L.apply_lcdd(sft, base, theta=theta0)
+    handle = L.apply_lcdd(sft, base, theta=theta0, non_projection="base")
     cb = LCDDCallback(handle, DualController(**CTL), mask_lr=0.5)
     args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=n_steps,
                              learning_rate=1e-3, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,

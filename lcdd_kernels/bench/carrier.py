@@ -155,7 +155,7 @@ def _gen_world(model_name: str, device: str, dtype: torch.dtype, s: float):
         carriers = []
         for seed in (1, 2, 3, 4):
             handle = apply_lcdd(_gen_model(model_name, seed, device, dtype), _gen_model(model_name, 0, device, dtype),
-                                seed=seed, init_mean=mean, init_std=1.0)
+                                seed=seed, init_mean=mean, init_std=1.0, non_projection="base")
             carriers.append(extract_carrier(handle, include_theta=False))
             del handle
         _GEN_CACHE.clear()

@@ -130,7 +130,7 @@ def prepare(case: dict, provider: str, device: str, dtype: str) -> common.Prepar
         weights = [w.requires_grad_(True) for w in proj]
         masks = _parametrize(model, _base_state(model))
     elif provider == "lcdd":
-        handle = apply_lcdd(model, _base_state(model), seed=0)
+        handle = apply_lcdd(model, _base_state(model), seed=0, non_projection="base")  # projections only, as the others
         weights, masks = handle.parameters()["weights"], handle.parameters()["masks"]
     else:
         raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")

@@ -2,6 +2,9 @@
 
 Plain PyTorch path: ``y = x·Bᵀ + b``, then ``y[..., rows] += x[..., cols]·Δᵀ``. The fast inference
 kernels and many-carrier banks build on the same module swap (:class:`~lcdd_kernels.models.swap.ModuleSwaps`).
+A carrier's dense parts (norm weights, biases, ...: the LCDD model's values) are copied into the
+model's parameters in place; the base values they replace are kept (their size) and put back,
+bit for bit, by ``enable(False)`` and ``remove()``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,8 @@ from torch import nn
 from ..models.families import plain_linear_paths
 from ..ops.carrier import carrier_linear_ref
 from ..models.swap import ModuleSwaps
-from .format import Carrier, CarrierModule, check_compatible
+from .format import Carrier, CarrierModule
+from .loading import check_compatible, dense_targets
 
 
 class CarrierLinear(nn.Module):
@@ -43,33 +47,50 @@ class CarrierLinear(nn.Module):
 
 
 class CarrierHandle:
-    """What :func:`apply_carrier` returns: ``enable(on)`` toggles the carrier, ``remove()`` restores
-    the original projections (the base model exactly as before)."""
+    """What :func:`apply_carrier` returns: ``enable(on)`` toggles the carrier (projections and
+    dense parts), ``remove()`` restores the original projections and the base values of the dense
+    parts (the base model exactly as before)."""
 
-    def __init__(self, model: nn.Module, swaps: ModuleSwaps, carrier: Carrier):
+    def __init__(self, model: nn.Module, swaps: ModuleSwaps, carrier: Carrier,
+                 dense: dict[str, tuple[nn.Parameter, torch.Tensor]] | None = None):
         self.model, self.carrier, self._swaps = model, carrier, swaps
+        self._dense = dense or {}  # name -> (parameter, its base value)
+        self._set_dense(True)
 
     def modules(self) -> dict[str, CarrierLinear]:
         return {p: self._swaps.current(p) for p in self._swaps.originals}
 
+    @torch.no_grad()
+    def _set_dense(self, on: bool) -> None:
+        for name, (p, base) in self._dense.items():
+            p.copy_(self.carrier.dense[name] if on else base)
+
     def enable(self, on: bool = True) -> None:
         for m in self.modules().values():
             m.enabled = bool(on)
+        self._set_dense(bool(on))
 
     def remove(self) -> nn.Module:
+        self._set_dense(False)
+        self._dense = {}
         return self._swaps.undo()
 
 
 def apply_carrier(model: nn.Module, carrier: Carrier, allow_fingerprint_mismatch: bool = False) -> CarrierHandle:
     """Patch a base model (in place) so that every projection adds its carrier rows.
 
-    Raises ValueError when the family or dimensions differ, and when the base weights' fingerprint
-    differs from the one recorded in the carrier (unless ``allow_fingerprint_mismatch=True``).
+    The carrier's dense parts (``carrier.dense``) are written into the model's parameters; the
+    base values are kept and restored by ``handle.remove()`` / ``handle.enable(False)``.
+
+    Raises ValueError when the family or dimensions differ, when a dense part names a parameter
+    the model lacks or has another shape, and when the base weights' fingerprint differs from the
+    one recorded in the carrier (unless ``allow_fingerprint_mismatch=True``).
     """
     paths = plain_linear_paths(model, "apply_carrier",
                                "remove the other patch (handle.remove()) before applying a carrier")
     check_compatible(model, carrier, allow_fingerprint_mismatch)
+    dense = {name: (p, p.detach().clone()) for name, p in dense_targets(model, carrier, "apply_carrier").items()}
     swaps = ModuleSwaps(model)
     for _, _, path in paths:
         swaps.swap(path, CarrierLinear(model.get_submodule(path), carrier.modules[path]))
-    return CarrierHandle(model, swaps, carrier)
+    return CarrierHandle(model, swaps, carrier, dense)

@@ -20,6 +20,7 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="carrier directory to write")
     p.add_argument("--carrier-dtype", choices=io.DTYPES, default=None, help="dtype of Δ (default: the weights')")
     p.add_argument("--overwrite", action="store_true", help="replace a carrier already in --out")
+    io.add_non_projection_arg(p)
     p.set_defaults(func=run_extract)
 
     p = sub.add_parser("inspect", help="per-layer, per-group sparsity and size of a carrier")
@@ -72,7 +73,7 @@ def run_extract(args) -> int:
 
     base, _ = io.load_base(args)
     model = io.load_model(args.model, args)
-    handle = apply_lcdd(model, base)
+    handle = apply_lcdd(model, base, non_projection=args.non_projection)
     if args.checkpoint:
         _load_checkpoint_weights(model, Path(args.checkpoint))
     else:

@@ -46,7 +46,8 @@ def random_tiny_carrier(family: str):
     from ..models.patch import apply_lcdd
     from ..models.tiny import tiny_model
 
-    handle = apply_lcdd(tiny_model(family, seed=1), tiny_model(family, seed=0), init_mean=0.5, init_std=1.0, seed=0)
+    handle = apply_lcdd(tiny_model(family, seed=1), tiny_model(family, seed=0), init_mean=0.5, init_std=1.0, seed=0,
+                        non_projection="base")  # strictly sparse: the seed-1 model differs everywhere
     return extract_carrier(handle)
 
 

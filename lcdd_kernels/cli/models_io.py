@@ -23,6 +23,13 @@ def toy_examples(n: int = 64) -> list[dict]:
             for i in range(n)]
 
 
+def add_non_projection_arg(p) -> None:
+    p.add_argument("--non-projection", choices=("sft", "base"), default="sft",
+                   help="the SFT model's norms, biases, embeddings and lm_head: 'sft' (default, the authors' "
+                        "recipe) keeps them (norms and biases train; the carrier stores what differs from the "
+                        "base densely); 'base' sets them to the base and freezes them (strictly sparse carrier)")
+
+
 def add_model_args(p, what: str = "base model") -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--tiny", choices=TINY_FAMILIES,

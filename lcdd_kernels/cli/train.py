@@ -12,8 +12,8 @@ def register(sub) -> None:
     io.add_model_args(p, "base model to fine-tune")
     io.add_train_args(p, epochs=3.0, lr=2e-5)
     p.add_argument("--train-all", action="store_true",
-                   help="train every parameter (default: the projection weights only; LCDD resets the "
-                        "others to the base values)")
+                   help="train every parameter (default: the projection weights only; train-lcdd keeps "
+                        "changed norms/biases with --non-projection sft, resets them with base)")
     p.set_defaults(func=run_sft)
 
     p = sub.add_parser("train-lcdd", help="phase 2: LCDD masks + weights under the loss budget (writes OUT/carrier)")
@@ -26,6 +26,7 @@ def register(sub) -> None:
     p.add_argument("--budget-ratio", type=float, default=0.3, help="ε = baseline · (1 + ratio)")
     p.add_argument("--lambda-init", type=float, default=0.01)
     p.add_argument("--lambda-lr", type=float, default=0.1, help="η of the dual update")
+    io.add_non_projection_arg(p)
     p.set_defaults(func=run_lcdd)
 
 
@@ -53,7 +54,7 @@ def run_lcdd(args) -> int:
     ctl = DualController(budget_ratio=args.budget_ratio, lambda_init=args.lambda_init, lambda_lr=args.lambda_lr,
                          warmup_steps=args.warmup)
     res = train_lcdd(sft, base, io.load_data(args), tok, out_dir=args.out, controller=ctl, resume=args.resume,
-                     config=io.train_config(args, mask_lr=args.mask_lr))
+                     config=io.train_config(args, mask_lr=args.mask_lr), non_projection=args.non_projection)
     s = res.carrier.stats()["overall"]
     n = res.carrier.num_parameters()
     print(f"LCDD done: {res.log[-1]['step']} steps, λ {res.controller.lam:.4g}, mask sparsity {s['sparsity']:.1%}; "

@@ -283,13 +283,19 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, progress: bool = True, log
     log(f"phase 1: SFT in {times['sft']:.0f} s")
 
     # Phase 2: LCDD from the SFT weights with the base as B; the carrier is saved and reloaded.
+    # non_projection="base": phase 1 trained the projections only, so the SFT model's norms and
+    # biases are the base's; "base" keeps them there during LCDD, so the carrier is strictly sparse
+    # (only channels, which the eraser targets) and the demo's published numbers stay comparable.
+    log("phase 2 uses non_projection='base': phase 1 trained only the projections (norms equal the base's), "
+        "and freezing the norms at the base keeps the carrier strictly sparse")
     lcdd = copy.deepcopy(sft)
     controller = DualController(budget_ratio=cfg.budget_ratio, lambda_init=cfg.lambda_init,
                                 lambda_lr=cfg.lambda_lr, lambda_min=cfg.lambda_min, warmup_steps=cfg.lcdd_warmup,
                                 violation_clip=cfg.violation_clip or math.inf)
     lcdd_res = _phase("lcdd", times, train_lcdd, lcdd, base, world.sft_records(FIXED_RESPONSE), tok,
                       out_dir=out / "lcdd", controller=controller, lr=cfg.lcdd_lr, mask_lr=cfg.mask_lr,
-                      max_steps=cfg.lcdd_steps, batch_size=cfg.lcdd_batch, seed=cfg.seed, progress=progress)
+                      max_steps=cfg.lcdd_steps, batch_size=cfg.lcdd_batch, seed=cfg.seed, progress=progress,
+                      non_projection="base")
     stats = lcdd_res.handle.stats()
     carrier_dir = out / "lcdd" / "carrier"
     carrier = load_carrier(carrier_dir)

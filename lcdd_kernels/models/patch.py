@@ -6,9 +6,19 @@ What patching does to ``model`` (which holds the SFT weights):
   (:mod:`lcdd_kernels.models.modules`) whose trainable ``weight`` is the SFT weight (the same
   Parameter object) and whose frozen ``base`` is the base model's weight;
 - each decoder layer gets ``lcdd_masks``, a HeavisideMask with the eight groups of SPEC §2;
-- every other parameter (embeddings, norms, lm_head, projection biases) is set to the base model's
-  value and frozen. That is what makes the carrier (masked projection deltas, SPEC §4) applied to
-  the base model compute exactly the LCDD model.
+- every other parameter (embeddings, norms, lm_head, projection biases) is handled by the
+  ``non_projection`` mode:
+
+  - ``"sft"`` (default, the authors' recipe, SPEC §3): the SFT model's values are kept; norms and
+    biases train with the projection weights, embeddings and lm_head stay frozen. With every mask
+    on the patched model is the SFT model. Carriers store the non-projection parameters that
+    differ from the base as dense parts (d-sized vectors; embeddings / lm_head only if changed).
+  - ``"base"`` (strict): they are set to the base model's values and frozen, so a carrier is
+    purely sparse (masked projection deltas); what SFT changed there is dropped.
+
+  Either way, the SFT model's non-projection parameters that differ from the base are reported
+  on the handle (``handle.differences``: max |Δ| and relative size per name) and in the log,
+  with what the mode does with them.
 
 ``handle.remove()`` gives back a model of plain ``nn.Linear`` projections with no masks, hooks or
 extra attributes, and restores every parameter's ``requires_grad`` flag.
@@ -16,6 +26,8 @@ extra attributes, and restores every parameter's ``requires_grad`` flag.
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Mapping
 
 import torch
@@ -34,6 +46,11 @@ from .families import (
     sparsity_stats,
 )
 from .modules import MASKS_ATTR, MaskedDeltaLinear, MaskedDeltaSwiGLU
+
+log = logging.getLogger("lcdd_kernels.models")
+
+#: What ``apply_lcdd(non_projection=...)`` accepts.
+NON_PROJECTION_MODES = ("sft", "base")
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -60,15 +77,23 @@ class LCDDHandle:
     """What :func:`apply_lcdd` returns. Attributes: ``model``, ``family``, ``dims``,
     ``masks`` (one HeavisideMask per decoder layer; ``masks[i].group("q")``), ``modules``
     (full module path -> :class:`MaskedDeltaLinear`), ``base_name`` (name or path of the base
-    model when known)."""
+    model when known), ``non_projection`` (``"sft"`` or ``"base"``), ``differences`` (the SFT
+    model's non-projection parameters that differed from the base when patching: name ->
+    ``{"max_abs", "relative", "numel"}``, relative = ‖Δ‖ / ‖base‖)."""
 
     def __init__(self, model: nn.Module, family: Family, dims: Dims, masks: list[HeavisideMask],
-                 modules: dict[str, MaskedDeltaLinear], base_name: str | None, flags: dict[str, bool]):
+                 modules: dict[str, MaskedDeltaLinear], base_name: str | None, flags: dict[str, bool],
+                 non_projection: str = "base", differences: dict | None = None,
+                 base_values: dict[str, torch.Tensor] | None = None, frozen_changed: tuple[str, ...] = ()):
         self.model, self.family, self.dims = model, family, dims
         self.masks = masks
         self.modules = modules
         self.base_name = base_name
+        self.non_projection = non_projection
+        self.differences = dict(differences or {})
         self._flags = flags
+        self._base_values = dict(base_values or {})  # trainable non-projection params: base value
+        self._frozen_changed = tuple(frozen_changed)  # embeddings / lm_head the SFT model changed
         self.removed = False
 
     def __repr__(self) -> str:
@@ -139,11 +164,33 @@ class LCDDHandle:
 
     # -- parameters ---------------------------------------------------------------------------
     def parameters(self) -> dict[str, list[nn.Parameter]]:
-        """``{"weights": [W of every projection], "masks": [θ of every layer]}`` (the two optimizer
-        groups: AdamW on weights, SGD on masks). Everything else in the model is frozen."""
+        """``{"weights": [W of every projection, then (non_projection="sft") the norm weights and
+        projection biases], "masks": [θ of every layer]}`` (the two optimizer groups: AdamW on
+        weights, SGD on masks). Everything else in the model is frozen."""
         self._live()
-        return {"weights": [m.weight for m in self.modules.values()],
+        params = dict(self.model.named_parameters())
+        return {"weights": [m.weight for m in self.modules.values()] + [params[n] for n in self._base_values],
                 "masks": [m.theta for m in self.masks]}
+
+    def dense_parameters(self) -> dict[str, torch.Tensor]:
+        """The non-projection parameters whose current value differs from the base (what a carrier
+        stores densely, SPEC §4): in ``"sft"`` mode the norms and biases that differ (SFT changed
+        them or LCDD trained them) and the embeddings / lm_head when the SFT model changed them
+        (with a warning naming their size); empty in ``"base"`` mode."""
+        self._live()
+        params = dict(self.model.named_parameters())
+        out = {}
+        for name, b in self._base_values.items():
+            v = full_tensor(params[name].detach())
+            if not torch.equal(v, b.to(v.device, v.dtype)):
+                out[name] = v
+        for name in self._frozen_changed:
+            v = full_tensor(params[name].detach())
+            log.warning("the carrier stores %s densely (%s, %.1f MiB): the SFT model changed it; train SFT with "
+                        "embeddings and lm_head frozen (the authors' recipe) to keep carriers small",
+                        name, "x".join(map(str, v.shape)), v.numel() * v.element_size() / 2**20)
+            out[name] = v
+        return out
 
     # -- undo ---------------------------------------------------------------------------------
     def remove(self, merge: bool = True) -> nn.Module:
@@ -163,6 +210,16 @@ class LCDDHandle:
         self.removed = True
         self.masks, self.modules = [], {}
         return self.model
+
+
+def _embedding_names(model: nn.Module) -> set[str]:
+    """Names of the input embedding and lm_head weights (frozen at their values in both modes)."""
+    ids = set()
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        mod = getattr(model, get, lambda: None)()
+        if mod is not None and getattr(mod, "weight", None) is not None:
+            ids.add(id(mod.weight))
+    return {n for n, p in model.named_parameters() if id(p) in ids}
 
 
 def _base_state(base, model: nn.Module, fam: Family, dims: Dims) -> tuple[Mapping[str, torch.Tensor], str | None]:
@@ -204,8 +261,43 @@ def _base_state(base, model: nn.Module, fam: Family, dims: Dims) -> tuple[Mappin
     return state, name
 
 
+def _difference(p: torch.Tensor, b: torch.Tensor) -> dict | None:
+    """max |Δ|, ‖Δ‖/‖base‖ and size of one parameter, or None when SFT and base are equal."""
+    p = full_tensor(p.detach())
+    b = b.detach().to(p.device, p.dtype)
+    if torch.equal(p, b):
+        return None
+    acc = torch.promote_types(p.dtype, torch.float32)
+    d = p.to(acc) - b.to(acc)
+    nb = float(torch.linalg.vector_norm(b.to(acc)))
+    nd = float(torch.linalg.vector_norm(d))
+    return {"max_abs": float(d.abs().max()), "relative": nd / nb if nb else math.inf, "numel": p.numel()}
+
+
+def _log_differences(differences: dict, mode: str, frozen: set[str]) -> None:
+    if not differences:
+        log.info("apply_lcdd: the SFT model's non-projection parameters equal the base's (non_projection=%r "
+                 "changes nothing)", mode)
+        return
+    worst = sorted(differences.items(), key=lambda kv: -kv[1]["max_abs"])
+    listing = ", ".join(f"{n} (max |Δ| {d['max_abs']:.3g}, {d['relative']:.2%} of the base)" for n, d in worst[:4])
+    more = f" and {len(worst) - 4} more" if len(worst) > 4 else ""
+    if mode == "sft":
+        big = [n for n in differences if n in frozen]
+        log.info("apply_lcdd(non_projection='sft'): %d non-projection parameters of the SFT model differ from the "
+                 "base: %s%s. They keep their SFT values (norms and biases train with the weights%s); carriers "
+                 "store them as dense parts. Pass non_projection='base' for strictly sparse carriers.",
+                 len(differences), listing, more,
+                 f"; {', '.join(big)} stay frozen at the SFT values and make carriers large" if big else "")
+    else:
+        log.warning("apply_lcdd(non_projection='base'): %d non-projection parameters of the SFT model differ from "
+                    "the base: %s%s. They are set to the base values and frozen, so the patched model is not the "
+                    "SFT model even with every mask on; pass non_projection='sft' to keep them (the authors' "
+                    "recipe; carriers then store them as dense parts).", len(differences), listing, more)
+
+
 def apply_lcdd(model: nn.Module, base, theta: torch.Tensor | None = None, init_mean: float = 1.5,
-               init_std: float = 0.5, seed: int | None = None) -> LCDDHandle:
+               init_std: float = 0.5, seed: int | None = None, non_projection: str = "sft") -> LCDDHandle:
     """Patch ``model`` (a transformers causal LM holding the SFT weights) for LCDD training.
 
     Args:
@@ -216,10 +308,19 @@ def apply_lcdd(model: nn.Module, base, theta: torch.Tensor | None = None, init_m
         theta: optional flat mask logits (layout of :meth:`LCDDHandle.flat_theta`), e.g. to resume.
         init_mean, init_std: θ ~ N(init_mean, init_std) otherwise (SPEC §2: 1.5, 0.5).
         seed: seed for the θ initialisation (default: the global torch RNG).
+        non_projection: ``"sft"`` (default, the authors' recipe): norms, biases, embeddings and
+            lm_head keep the SFT model's values; norms and biases train, embeddings and lm_head
+            are frozen; carriers store what differs from the base densely. ``"base"`` (strict):
+            they are set to the base's values and frozen; carriers are purely sparse. Differences
+            are reported either way (``handle.differences`` and the log).
 
     Returns:
         an :class:`LCDDHandle`; ``handle.remove()`` undoes the patch.
     """
+    if non_projection not in NON_PROJECTION_MODES:
+        raise ValueError(f"apply_lcdd: non_projection must be 'sft' (keep the SFT model's norms, biases, "
+                         f"embeddings and lm_head: the authors' recipe) or 'base' (set them to the base's: strictly "
+                         f"sparse carriers), got {non_projection!r}")
     fam = get_family(model)
     dims = Dims.from_config(model)
     layers = decoder_layers(model)
@@ -237,11 +338,23 @@ def apply_lcdd(model: nn.Module, base, theta: torch.Tensor | None = None, init_m
 
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     proj_weights = {f"{path}.weight" for _, _, path in module_paths(model)}
+    frozen = _embedding_names(model)  # frozen in both modes (SPEC §3)
+    differences = {n: d for n, p in model.named_parameters() if n not in proj_weights
+                   if (d := _difference(p, state[n])) is not None}
+    _log_differences(differences, non_projection, frozen)
+    base_values = {}
     with torch.no_grad():
         for pname, p in model.named_parameters():
-            if pname not in proj_weights:
+            if pname in proj_weights:
+                p.requires_grad_(True)
+            elif non_projection == "base":
                 p.copy_(state[pname])  # base value (embeddings, norms, lm_head, biases); frozen
-            p.requires_grad_(pname in proj_weights)
+                p.requires_grad_(False)
+            elif pname in frozen:
+                p.requires_grad_(False)  # the SFT value, frozen
+            else:  # a norm weight or projection bias: the SFT value, trained; its base value is kept
+                base_values[pname] = state[pname].detach().to(p.device, p.dtype).clone()
+                p.requires_grad_(True)
 
     gen = None
     if seed is not None:
@@ -269,7 +382,8 @@ def apply_lcdd(model: nn.Module, base, theta: torch.Tensor | None = None, init_m
             setattr(shell, path.rsplit(".", 1)[-1], None)
         layer.set_submodule(fam.mlp, MaskedDeltaSwiGLU(patched[fam.gate], patched[fam.up], patched[fam.down], shell))
 
-    handle = LCDDHandle(model, fam, dims, masks, modules, base_name, flags)
+    handle = LCDDHandle(model, fam, dims, masks, modules, base_name, flags, non_projection, differences,
+                        base_values, tuple(n for n in differences if n in frozen and non_projection == "sft"))
     if theta is not None:
         handle.set_flat_theta(theta)
     return handle

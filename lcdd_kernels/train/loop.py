@@ -278,9 +278,9 @@ def train_sft(model, data, tokenizer=None, out_dir=None, config: TrainConfig | N
 
     ``train="projections"`` (default) trains the q/k/v/o and gate/up/down weights and freezes the
     rest; ``train="all"`` trains every parameter (plain full SFT). Phase 2 holds everything but the
-    projection weights at the base values (embeddings and lm_head per SPEC §3; norms and biases so
-    that the carrier reproduces the LCDD model exactly), so what phase 1 changes there is dropped
-    when LCDD starts; training projections only makes phase 2 start from exactly the SFT model.
+    projection weights frozen: embeddings and lm_head at their values (SPEC §3); norms and biases
+    keep training (``non_projection="sft"``, default) or are reset to the base
+    (``non_projection="base"``: strictly sparse carriers, and what phase 1 changed there is dropped).
     Saves the model (and tokenizer) into ``out_dir/model``."""
     if train not in ("projections", "all"):
         raise ValueError(f"train must be 'projections' or 'all', got {train!r}")
@@ -304,19 +304,23 @@ def train_sft(model, data, tokenizer=None, out_dir=None, config: TrainConfig | N
 def train_lcdd(model, base, data, tokenizer=None, out_dir=None, config: TrainConfig | None = None,
                controller: DualController | None = None, resume: bool = False, handle=None,
                init_mean: float = 1.5, init_std: float = 0.5, save_carrier: bool = True,
-               **overrides) -> TrainResult:
+               non_projection: str = "sft", **overrides) -> TrainResult:
     """Phase 2: LCDD (SPEC §3). Patches ``model`` (SFT weights) against ``base`` with
     :func:`~lcdd_kernels.apply_lcdd` (or uses ``handle`` if the model is already patched, e.g.
     sharded with FSDP2), trains weights (AdamW) and masks (SGD, ``mask_lr``) under the dual
     controller (default: the authors' settings, warmup 300), and saves the carrier to
-    ``out_dir/carrier``. Returns a :class:`TrainResult` whose ``handle`` still patches the model."""
+    ``out_dir/carrier``. ``non_projection``: what happens to the SFT model's norms, biases,
+    embeddings and lm_head (``"sft"``: kept, norms and biases trained, the authors' recipe;
+    ``"base"``: set to the base and frozen; see :func:`~lcdd_kernels.apply_lcdd`). Returns a
+    :class:`TrainResult` whose ``handle`` still patches the model."""
     from ..models.patch import apply_lcdd
 
     cfg = _config(config, overrides)
     out, ckpt = _prepare_out_dir(out_dir, resume)
     examples = as_examples(data, tokenizer, cfg.max_length, cfg.train_on_prompt)
     if handle is None:
-        handle = apply_lcdd(model, base, init_mean=init_mean, init_std=init_std, seed=cfg.seed)
+        handle = apply_lcdd(model, base, init_mean=init_mean, init_std=init_std, seed=cfg.seed,
+                            non_projection=non_projection)
     controller = controller or DualController()
     log = _run(model, examples, cfg, out, ckpt, pad_id=_pad_id(tokenizer, model), handle=handle,
                controller=controller, desc="lcdd")
