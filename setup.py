@@ -91,7 +91,11 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "psutil>=5",
-                 "accelerate>=1.1"],  # transformers.Trainer needs it: the LCDDCallback test runs a Trainer
+                 "accelerate>=1.1",  # transformers.Trainer needs it: the LCDDCallback test runs a Trainer
+                 # tests/test_export_peft.py loads exported carriers with the real PEFT. >=0.17: the
+                 # first with SHiRA; <0.22: the newest release tested with the transformers this
+                 # package installs (5.x; PEFT follows transformers closely, so a new minor is tried first)
+                 "peft>=0.17,<0.22"],
         "build": ["pybind11>=2.12", "cmake>=3.24", "ninja"],
     },
     entry_points={"console_scripts": ["lcdd=lcdd_kernels.cli:main"]},

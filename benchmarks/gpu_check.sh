@@ -8,9 +8,10 @@
 # /opt/torch/.venv/bin/python3 when present (override with PYTHON=...), nothing is installed, the
 # package runs from the source tree (PYTHONPATH). Every stage runs under `timeout` inside one
 # overall budget; a failed or timed-out stage is recorded and the next one still runs.
-# What comes back (at most 8 files): summary.txt (one line per stage: exit status, seconds),
+# What comes back (at most 9 files): summary.txt (one line per stage: exit status, seconds),
 # log.txt (every stage's output), training-gpu.json / .png, designs-gpu.json (Triton fused vs
-# split), and <suite>-gpu.json for each hook suite (carrier, eraser, lcdd-step): 8 files.
+# split), <suite>-gpu.json for each hook suite (carrier, eraser, lcdd-step), and serving-gpu.json
+# where vLLM is installed.
 set -u
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -104,6 +105,15 @@ for hook in "carrier 45" "eraser 45" "lcdd-step 45"; do
         echo "bench-$suite: not registered yet (hook skipped)" >>"$SUMMARY"
     fi
 done
+
+# 6. Serving: the same prompts and carrier mix through vLLM (carriers exported as exact LoRA) and the
+#    package's bank, side by side. Only where vLLM is installed for this python; skipped otherwise.
+if "$PY" -c "import vllm" >/dev/null 2>&1; then
+    stage bench-serving 90 env LCDD_VLLM_PYTHON="$PY" "${LCDD[@]}" bench serving --device cuda --quick \
+        --out "$OUT/serving-gpu.json" --force
+else
+    echo "bench-serving: vLLM is not installed for $PY (stage skipped)" >>"$SUMMARY"
+fi
 
 rm -f "$OUT"/*.tmp  # a results file interrupted mid-write
 echo "total: $(($(date +%s) - START))s of ${BUDGET_S}s" >>"$SUMMARY"

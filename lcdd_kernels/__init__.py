@@ -43,6 +43,7 @@ _EXPORTS: dict[str, str] = {
     "load_carrier": ".carriers.loading",
     "base_fingerprint": ".carriers.format",
     "apply_carrier": ".carriers.apply",
+    "export_peft": ".carriers.export",
     # training (SPEC §3)
     "train_sft": ".train.loop",
     "train_lcdd": ".train.loop",
@@ -79,6 +80,7 @@ if TYPE_CHECKING:  # pragma: no cover - for static tools only
     from .dual import DualController  # noqa: F401
     from .eraser.capture import capture, carrier_channels  # noqa: F401
     from .carriers.apply import apply_carrier  # noqa: F401
+    from .carriers.export import export_peft  # noqa: F401
     from .carriers.bank import CarrierBank, apply_carrier_bank, merge_carrier_, unmerge_carrier_  # noqa: F401
     from .carriers.format import (  # noqa: F401
         Carrier,

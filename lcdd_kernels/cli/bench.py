@@ -11,6 +11,8 @@ SUITES = {
     "eraser": "eraser",
     "carrier": "carrier",
     "lcdd-step": "lcdd_step",
+    "serving": "serving",
+    "adapter-sizes": "adapter_sizes",
     "plot": "plot",
 }
 

@@ -1,0 +1,155 @@
+"""Serving: the same prompts and carrier mix through vLLM (carriers as exact LoRA) and the package's bank.
+
+One run, two providers, the same requests: the tiny served Llama (``serving.vllm_env``), three
+carriers (about 20% of mask entries on) exported with ``export_peft`` for vLLM, and a batch in
+which the requests cycle through carrier 0, 1, 2 and none.
+
+* ``bank``: ``apply_carrier_bank`` + ``model.generate`` (greedy, KV cache) over the whole batch,
+  each sequence with its carrier, in this process;
+* ``vllm``: one offline ``LLM.generate`` of the same requests in the vLLM venv (``max_loras`` =
+  carriers + 1, the spare slot that keeps requests without an adapter on the base model).
+
+Per provider: ``tokens_per_s`` = generated tokens / wall time of the batch, and ``ttft_s`` = wall
+time of the same batch with one new token (every request arrives at once, so this is what each
+waits for its first token), medians of ``--repeats`` after one warm-up; ``start_s`` is the
+engine's start (vLLM: building the LLM; bank: patching the model and loading the carriers). The
+greedy tokens of the two are compared and reported (``tokens_match``). Reported as measured,
+whichever wins: this is a CPU, where vLLM's strengths (paged attention on a GPU, continuous
+batching of a stream of requests) are not what a single offline batch shows.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import common
+
+SUITE = "serving"
+PROVIDERS = ("bank", "vllm")
+
+
+def add_arguments(p) -> None:
+    common.add_common_arguments(p)
+    p.add_argument("--requests", type=int, default=None, help="requests in the batch (default 16; --quick 8)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens generated per request (default 64; --quick 16)")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
+    p.add_argument("--vllm-python", default=None,
+                   help="python of the vLLM venv (default: $LCDD_VLLM_PYTHON or build/vllm-venv/bin/python)")
+
+
+def _carriers(seeds, device, dtype):
+    from ..carriers.format import extract_carrier
+    from ..models.patch import apply_lcdd
+    from ..serving.vllm_env import served_model
+
+    out = []
+    for s in seeds:
+        sft, _ = served_model(s)
+        base, _ = served_model(0)
+        handle = apply_lcdd(sft, base, seed=s, init_mean=-0.85, init_std=1.0)
+        out.append(extract_carrier(handle, include_theta=False))
+    return out
+
+
+def _prompts(tok, n: int) -> list[list[int]]:
+    from ..demo.base import render_prompt
+    from ..demo.world import make_world
+
+    world = make_world(seed=0, n_train=0, n_eraser=0, n_heldout=n)
+    return [render_prompt(tok, ex.prompt) for ex in world.heldout[:n]]
+
+
+def run(args) -> int:
+    import os
+
+    from ..carriers.bank import apply_carrier_bank
+    from ..carriers.export import export_peft
+    from ..serving import vllm_env
+    from ..serving.bank_generate import bank_greedy
+
+    device, dtype = common.resolve_device_dtype(args)
+    if args.vllm_python:
+        os.environ["LCDD_VLLM_PYTHON"] = args.vllm_python
+    results = common.open_results(args)
+    n_req = args.requests or (8 if args.quick else 16)
+    new_tokens = args.new_tokens or (16 if args.quick else 64)
+    stamp = common.stamp(device, dtype)
+    model, tok = vllm_env.served_model(0, dtype)
+    model = model.to(device)
+    carriers = _carriers((1, 2, 3), device, dtype)
+    prompts = _prompts(tok, n_req)
+    mix = [[0, 1, 2, None][i % 4] for i in range(n_req)]
+    case = {"group": "serving/tiny-llama", "requests": n_req, "new_tokens": new_tokens, "carriers": 3,
+            "mix": "0,1,2,none cycled", "prompt_tokens": sum(map(len, prompts))}
+    rows = []
+
+    # ---- the package's bank, in this process
+    t0 = time.perf_counter()
+    bank = apply_carrier_bank(model, carriers)
+    start = time.perf_counter() - t0
+
+    def timed(n):
+        walls = []
+        bank_greedy(model, bank, prompts, mix, n, tok.pad_token_id, logprobs=False)  # warm-up
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            toks, _ = bank_greedy(model, bank, prompts, mix, n, tok.pad_token_id, logprobs=False)
+            walls.append(time.perf_counter() - t)
+        return statistics.median(walls), toks
+
+    wall, bank_tokens = timed(new_tokens)
+    ttft, _ = timed(1)
+    rows.append(common.make_row(SUITE, stamp, case, "bank", "generate", start_s=start, wall_s=wall, ttft_s=ttft,
+                                tokens_per_s=n_req * new_tokens / wall, threads=torch.get_num_threads()))
+
+    # ---- vLLM, in its venv, same prompts and mix
+    reason = vllm_env.available()
+    if reason:
+        rows.append(common.make_row(SUITE, stamp, case, "vllm", "generate", error=reason))
+    else:
+        with tempfile.TemporaryDirectory(prefix="lcdd-serving-") as tmp:
+            cpu_model, _ = vllm_env.served_model(0)
+            vllm_env.save_served_model(cpu_model, tok, Path(tmp) / "model")
+            adapters, ranks = {}, []
+            for i, c in enumerate(carriers):
+                rep = export_peft(c, Path(tmp) / f"c{i}", target="vllm")
+                adapters[f"c{i}"], ranks = str(Path(tmp) / f"c{i}"), ranks + [rep.vllm_max_lora_rank]
+            reqs = [{"prompt_token_ids": p, "adapter": None if c is None else f"c{c}"} for p, c in zip(prompts, mix)]
+            job = {"model": str(Path(tmp) / "model"), "dtype": str(dtype).replace("torch.", ""),
+                   "max_lora_rank": max(ranks), "max_model_len": 256, "adapters": adapters,
+                   "runs": [{"name": "serve", "max_loras": len(adapters) + 1, "batches": [
+                       {"name": "generate", "max_tokens": new_tokens, "warmup": 1, "repeats": args.repeats,
+                        "requests": reqs},
+                       {"name": "ttft", "max_tokens": 1, "warmup": 1, "repeats": args.repeats, "requests": reqs}]}]}
+            try:
+                out = vllm_env.run_job(job, timeout=1200)
+                run_ = out["runs"][0]
+                gen, first = run_["batches"]
+                vllm_tokens = [r["token_ids"] for r in gen["requests"]]
+                match = sum(a == b for a, b in zip(vllm_tokens, bank_tokens))
+                rows.append(common.make_row(SUITE, stamp, case, "vllm", "generate", start_s=run_["start_s"],
+                                            wall_s=gen["wall_s"], ttft_s=first["wall_s"],
+                                            tokens_per_s=n_req * new_tokens / gen["wall_s"],
+                                            vllm_version=out["vllm_version"], tokens_match=f"{match}/{n_req}"))
+                rows[0]["tokens_match"] = f"{match}/{n_req}"
+            except Exception as e:  # noqa: BLE001 - the row records what failed; the bank's row stands
+                rows.append(common.make_row(SUITE, stamp, case, "vllm", "generate", error=str(e)[-2000:]))
+    base = rows[0]
+    for r in rows:
+        if "error" not in r:
+            r["tokens_per_s_vs_bank"] = r["tokens_per_s"] / base["tokens_per_s"]
+            r["ttft_vs_bank"] = r["ttft_s"] / base["ttft_s"]
+    columns = [("provider", lambda r: r["provider"]), ("requests", lambda r: str(r["requests"])),
+               ("new tokens", lambda r: str(r["new_tokens"])),
+               ("tokens/s", lambda r: f"{r['tokens_per_s']:.1f}" if "tokens_per_s" in r else "-"),
+               ("vs bank", lambda r: f"{r['tokens_per_s_vs_bank']:.2f}x" if "tokens_per_s_vs_bank" in r else "-"),
+               ("TTFT s", lambda r: f"{r['ttft_s']:.3f}" if "ttft_s" in r else "-"),
+               ("start s", lambda r: f"{r['start_s']:.1f}" if "start_s" in r else "-"),
+               ("tokens match", lambda r: r.get("tokens_match", "-")),
+               ("error", lambda r: r.get("error", "")[:80])]
+    return common.report(rows, [], results, None, columns)
