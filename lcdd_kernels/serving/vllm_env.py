@@ -29,9 +29,12 @@ DEFAULT_VENV = REPO / "build" / "vllm-venv"
 RUNNER = Path(__file__).with_name("vllm_runner.py")
 
 #: The tiny served model: 2 layers, hidden 128, 4 query heads / 2 kv heads of 32 (vLLM's CPU
-#: attention needs head sizes of 32 and up), the demo's character tokenizer.
+#: attention needs head sizes of 32 and up), the demo's character tokenizer. Weights drawn with
+#: std 0.2 (not 0.02): random models that small otherwise give near-uniform logits whose top two
+#: differ by ~1e-2, and repeat one token whatever the carrier; at 0.2 greedy choices are apart by
+#: ~0.1 and every carrier generates something else.
 SERVED_SIZE = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                   num_key_value_heads=2, head_dim=32, max_position_embeddings=256)
+                   num_key_value_heads=2, head_dim=32, max_position_embeddings=256, initializer_range=0.2)
 
 
 def vllm_python() -> Path:
