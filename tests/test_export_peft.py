@@ -20,15 +20,19 @@ from lcdd_kernels.models.patch import apply_lcdd
 from lcdd_kernels.models.tiny import TINY, tiny_model
 
 from .helpers import assert_close
+from .sft_pairs import sft_pair
 
 peft = pytest.importorskip("peft", reason="PEFT is in the test extras: pip install -e '.[test]'")
 from peft import PeftModel  # noqa: E402
 
 
 def _carrier(family, sft_seed, dtype=torch.float32):
+    """A purely sparse carrier (non_projection='base': no dense parts; see the dense tests below)."""
     handle = apply_lcdd(tiny_model(family, seed=sft_seed, dtype=dtype), tiny_model(family, seed=0, dtype=dtype),
-                        seed=sft_seed, init_mean=0.0, init_std=1.0)
-    return L.extract_carrier(handle, include_theta=False)
+                        seed=sft_seed, init_mean=0.0, init_std=1.0, non_projection="base")
+    c = L.extract_carrier(handle, include_theta=False)
+    assert not c.dense
+    return c
 
 
 def _without_ffn_write(c):
@@ -244,3 +248,84 @@ def test_cli_export(carriers, tmp_path):
     assert main(["export", str(tmp_path / "c"), "--to", "peft-lora", "--out", str(tmp_path / "l")]) == 2
     model = PeftModel.from_pretrained(_base("llama"), tmp_path / "s").eval()
     _check("cli shira", _logits(model), "llama", carriers["llama"][0])
+
+
+# ------------------------------------------------------------------ dense parts (carrier format v2)
+
+
+def _dense_carrier(family):
+    """A carrier with dense parts: the SFT model moved every norm and projection bias (sft_pair)."""
+    sft, base = sft_pair(family, dtype=torch.float32)
+    theta = torch.randn(L.apply_lcdd(tiny_model(family), tiny_model(family), non_projection="base").dims.num_masks,
+                        generator=torch.Generator().manual_seed(3))
+    c = L.extract_carrier(apply_lcdd(sft, base, theta=theta), include_theta=False)
+    assert c.dense
+    return c
+
+
+def _pair_base(family, dtype=torch.float32):
+    return sft_pair(family, dtype=torch.float32)[1].to(dtype).eval()
+
+
+def _check_dense(name, got, family, carrier):
+    refs = []
+    for dtype in (torch.float64, torch.float32):
+        model = _pair_base(family, dtype)
+        c = replace(carrier, modules={p: CarrierModule(m.rows, m.cols, m.delta.to(dtype)) for p, m in
+                                      carrier.modules.items()},
+                    dense={k: v.to(dtype) for k, v in carrier.dense.items()}, dtype=dtype)
+        L.apply_carrier(model, c)
+        with torch.no_grad():
+            refs.append(model(input_ids=_ids()).logits)
+    assert_close(name, got, refs[0], refs[1])
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "llama"])
+def test_dense_parts_go_into_the_lora_adapter(family, tmp_path):
+    carrier = _dense_carrier(family)
+    report = export_peft(carrier, tmp_path / "a", base_model=_pair_base(family))
+    assert report.dense_exported == sorted(carrier.dense) and not report.dense_dropped and report.exact
+    cfg = json.loads((tmp_path / "a" / CONFIG_NAME).read_text())
+    biases = [n for n in carrier.dense if n.endswith("_proj.bias")]
+    assert bool(cfg.get("lora_bias")) == bool(biases) == (family == "qwen2")
+    assert cfg["modules_to_save"] == sorted({n.rsplit(".", 1)[0] for n in carrier.dense if n not in biases})
+    model = PeftModel.from_pretrained(_pair_base(family), tmp_path / "a").eval()
+    got = _logits(model)
+    _check_dense(f"{family} lora + dense", got, family, carrier)
+    # without its dense parts the adapter would be another model: the check can fail
+    sparse = replace(carrier, dense={})
+    with pytest.raises(AssertionError):
+        _check_dense("sparse only", got, family, sparse)
+    # PEFT's own save of that config has the same keys and shapes
+    fields = {k: v for k, v in cfg.items() if k not in ("peft_type", "revision") and v is not None}
+    theirs = peft.get_peft_model(_pair_base(family), peft.LoraConfig(**fields))
+    theirs.save_pretrained(tmp_path / "theirs")
+    ours = load_file(str(tmp_path / "a" / WEIGHTS_NAME))
+    want = load_file(str(tmp_path / "theirs" / WEIGHTS_NAME))
+    assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in want.items()}
+
+
+def test_dense_norms_go_into_a_shira_adapter(tmp_path):
+    carrier = _dense_carrier("qwen3")  # norms only (Qwen3 has no projection biases)
+    report = export_peft(carrier, tmp_path / "s", kind="shira")
+    assert report.dense_exported == sorted(carrier.dense) and report.exact
+    model = PeftModel.from_pretrained(_pair_base("qwen3"), tmp_path / "s").eval()
+    _check_dense("qwen3 shira + norms", _logits(model), "qwen3", carrier)
+
+
+def test_dense_parts_refused_where_they_cannot_go(tmp_path):
+    carrier = _dense_carrier("qwen2")
+    with pytest.raises(ValueError, match=r"vLLM cannot load.*drop_dense=True \(CLI: --drop-dense\)"):
+        export_peft(carrier, tmp_path / "v", target="vllm")
+    with pytest.raises(ValueError, match=r"SHiRA has no bias.*drop_dense"):
+        export_peft(carrier, tmp_path / "s", kind="shira")
+    with pytest.raises(ValueError, match=r"needs the base model.*base_model="):
+        export_peft(carrier, tmp_path / "l")
+    assert not any((tmp_path / d).exists() for d in ("v", "s", "l"))
+    report = export_peft(carrier, tmp_path / "v", target="vllm", drop_dense=True)
+    assert report.dense_dropped == sorted(carrier.dense) and not report.exact and "DROPPED" in report.summary()
+    cfg = json.loads((tmp_path / "v" / CONFIG_NAME).read_text())
+    assert cfg["modules_to_save"] is None and not cfg.get("lora_bias")
+    # what was dropped: the adapter is the sparse part alone
+    model = PeftModel.from_pretrained(_pair_base("qwen2"), tmp_path / "v").eval()
+    _check_dense("dropped dense", _logits(model), "qwen2", replace(carrier, dense={}))

@@ -24,8 +24,10 @@ def register(sub) -> None:
                    help="export without the carrier's dense parts (norms, biases) where the target cannot hold them")
     p.add_argument("--overwrite", action="store_true", help="replace an adapter already in --out")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--tiny", choices=io.TINY_FAMILIES, help="base model for the --max-rank logit probe: a built-in tiny one")
-    g.add_argument("--base", metavar="DIR", help="base model for the --max-rank logit probe (local HF directory)")
+    g.add_argument("--tiny", choices=io.TINY_FAMILIES, help="the base model: a built-in tiny one (see --base)")
+    g.add_argument("--base", metavar="DIR",
+                   help="the base model (local HF directory): for the --max-rank logit probe, and to turn a "
+                        "carrier's SFT biases into LoRA biases (SFT − base)")
     p.add_argument("--dtype", choices=io.DTYPES, default="float32", help="dtype to load the base model in")
     p.add_argument("--device", default=None, help="cpu or cuda for the probe (default: cuda when available)")
     p.add_argument("--allow-fingerprint-mismatch", action="store_true",
@@ -41,7 +43,7 @@ def run(args) -> int:
 
     carrier = load_carrier(args.carrier)
     base = None
-    if args.max_rank is not None and (args.tiny or args.base):
+    if args.tiny or args.base:
         base, _ = io.load_base(args)
         base.eval()
     report = export_peft(carrier, args.out, kind=FORMATS[args.to], max_rank=args.max_rank,
@@ -49,6 +51,9 @@ def run(args) -> int:
                          target=args.target, base_model=base, overwrite=args.overwrite, drop_dense=args.drop_dense,
                          allow_fingerprint_mismatch=args.allow_fingerprint_mismatch)
     print(report.summary())
+    if report.dense_dropped:
+        print(f"  WARNING: the adapter lacks {len(report.dense_dropped)} dense parts of the carrier (--drop-dense): "
+              "served with it, the model is not the carrier's model there")
     if report.truncated:
         for m in sorted(report.truncated, key=lambda m: -m.rel_error)[:10]:
             print(f"    {m.path}: rank {m.kept} of {m.rank}, relative error of Δ {m.rel_error:.3g}")
