@@ -51,7 +51,7 @@ def _carriers(seeds, device, dtype):
     for s in seeds:
         sft, _ = served_model(s)
         base, _ = served_model(0)
-        handle = apply_lcdd(sft, base, seed=s, init_mean=-0.85, init_std=1.0)
+        handle = apply_lcdd(sft, base, seed=s, init_mean=-0.85, init_std=1.0, non_projection="base")
         out.append(extract_carrier(handle, include_theta=False))
     return out
 
