@@ -15,7 +15,6 @@ import os
 from pathlib import Path
 
 import pytest
-import torch
 
 import lcdd_kernels as L
 from lcdd_kernels.demo.base import render_prompt
