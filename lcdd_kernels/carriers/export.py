@@ -119,7 +119,7 @@ class ExportReport:
 
 
 # ---------------------------------------------------------------------------------------------
-# Sizes (also used by the sizes table in lcdd_kernels/bench/serving_sizes.py)
+# Sizes (also used by the sizes table, lcdd_kernels/bench/adapter_sizes.py)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -369,8 +369,9 @@ def export_peft(carrier: Carrier, out_dir: str | os.PathLike, kind: str = "lora"
         dtype: of the adapter tensors (default: the carrier's).
         target: ``"peft"``, or ``"vllm"`` to also check what vLLM 0.32 can serve (LoRA, rank at
             most 512, no dense parts); the report gives the ``--max-lora-rank`` to use.
-        base_model: the base model (with ``max_rank``): the logit change on ``probe`` (token
-            ids; default 4×32 random tokens) between the carrier and the truncated adapter.
+        base_model: the base model the carrier was made against: with ``max_rank``, the logit
+            change on ``probe`` (token ids; default 4×32 random tokens) between the carrier and
+            the truncated adapter; needed to write a carrier's SFT biases as LoRA biases.
         overwrite: replace an existing non-empty ``out_dir`` (refused otherwise).
         drop_dense: export without the carrier's dense parts (norms, biases) where the target
             cannot hold them, knowingly; refused otherwise.
@@ -416,7 +417,8 @@ def export_peft(carrier: Carrier, out_dir: str | os.PathLike, kind: str = "lora"
         kind=kind, target=target, out_dir=str(out), exact=exact, max_rank=max_rank,
         dtype=str(dtype).replace("torch.", ""), modules=modules,
         adapter_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
-        carrier_bytes=sum(carrier_nbytes(m.rows.numel(), m.cols.numel(), elem) for m in carrier.modules.values()),
+        carrier_bytes=sum(carrier_nbytes(m.rows.numel(), m.cols.numel(), elem) for m in carrier.modules.values())
+        + sum(t.numel() * t.element_size() for t in (getattr(carrier, "dense", None) or {}).values()),
         vllm_max_lora_rank=vllm_rank, dense_exported=plan.exported, dense_dropped=plan.dropped)
     if kind == "lora" and report.truncated and base_model is not None:
         report.logit_change, report.logit_scale = probe_logit_change(
