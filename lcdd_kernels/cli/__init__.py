@@ -24,6 +24,7 @@ _MODULES = {
     "carrier": "lcdd extract / inspect: write a carrier from trained weights and masks, show one (SPEC §4)",
     "export": "lcdd export: a carrier as a PEFT adapter (exact LoRA or SHiRA), for PEFT and vLLM",
     "demo": "lcdd demo: the whole method end to end on a CPU (base, SFT, LCDD, carrier, SFT-Eraser)",
+    "check_kernels": "lcdd check-kernels: every GPU kernel compiled for sm_90/sm_80, no compile error, no spill",
 }
 
 
