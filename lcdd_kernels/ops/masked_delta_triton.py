@@ -78,6 +78,11 @@ _GEMM_SHAPES = [
     (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 64, 64, 4, 4),
     (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4),
 ]
+#: The SwiGLU forward keeps two fp32 accumulators: PROVISIONAL until the check's results land.
+_SWIGLU_SHAPES = [
+    (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+    (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
+]
 _DW_SHAPES = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4)]
 _INTERPRET_SHAPE = (64, 64, 64, 1, 1)
 #: With LCDD_TRITON_AUTOTUNE=0 (read at import) CUDA uses this one config: for GPU test runs,
@@ -164,18 +169,54 @@ def _dw_epilogue(p, w_ptr, b_ptr, r_ptr, c_ptr, dw_ptr, dr_part_ptr, dc_part_ptr
                 tl.store(dc_part_ptr + row * K + offs_k, part, mask=mask_k & (row * PART_N + 0 * offs_k < N))
 
 
-@_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _GEMM_SHAPES, key=["M_BUCKET", "N", "K", "SWIGLU"])
+@_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _GEMM_SHAPES, key=["M_BUCKET", "N", "K"])
 @triton.jit
 def _masked_delta_forward_kernel(
-    x_ptr, w_ptr, b_ptr, w2_ptr, b2_ptr, r_ptr, c_ptr, bias_ptr, out_ptr, gu_ptr,
+    x_ptr, w_ptr, b_ptr, r_ptr, c_ptr, bias_ptr, out_ptr,
     T, N, K, stride_xt, stride_xk, M_BUCKET,
-    SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """out (T, N) = x W_effᵀ (+ bias). With SWIGLU, W/B are the gate and W2/B2 the up weights,
-    both accumulated from one load of each x tile; g and u go to gu (T, 2, N) and
-    out = silu(g) · u. Token tiles vary fastest over the grid, so programs running together
-    share weight tiles in L2. ``M_BUCKET`` only keys the autotuner."""
+    """out (T, N) = x W_effᵀ (+ bias). Token tiles vary fastest over the grid, so programs running
+    together share weight tiles in L2. ``M_BUCKET`` only keys the autotuner."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < T
+    mask_n = offs_n < N
+    r = tl.load(r_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        c = tl.load(c_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        offs_w = offs_n[None, :] * K + offs_k[:, None]  # the (BLOCK_K, BLOCK_N) tile of Wᵀ
+        wt = _weff_tile(w_ptr + offs_w, b_ptr + offs_w, c[:, None] * r[None, :],
+                        mask_k[:, None] & mask_n[None, :]).to(x_ptr.dtype.element_ty)
+        acc = tl.dot(x, wt, acc, input_precision=DOT_PRECISION)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _SWIGLU_SHAPES, key=["M_BUCKET", "N", "K"])
+@triton.jit
+def _masked_delta_swiglu_forward_kernel(
+    x_ptr, w_ptr, b_ptr, w2_ptr, b2_ptr, r_ptr, c_ptr, out_ptr, gu_ptr,
+    T, N, K, stride_xt, stride_xk, M_BUCKET, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """The SwiGLU forward: W/B are the gate and W2/B2 the up weights, both accumulated from one
+    load of each x tile; g and u go to gu (T, 2, N) and out = silu(g) · u.
+
+    Its own kernel, with its own configs (``_SWIGLU_SHAPES``), because it holds two fp32
+    accumulators and forms two W_eff tiles per step: on the linear kernel's tiles (one
+    accumulator) that is twice the registers, and ptxas spilled 14 of those configs (up to 1.9 KB
+    of stack per thread; the check of lcdd_kernels/kernel_check found them)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -196,18 +237,31 @@ def _masked_delta_forward_kernel(
         rc = c[:, None] * r[None, :]
         wt = _weff_tile(w_ptr + offs_w, b_ptr + offs_w, rc, mask_w).to(x_ptr.dtype.element_ty)
         acc = tl.dot(x, wt, acc, input_precision=DOT_PRECISION)
-        if SWIGLU:
-            wt2 = _weff_tile(w2_ptr + offs_w, b2_ptr + offs_w, rc, mask_w).to(x_ptr.dtype.element_ty)
-            acc2 = tl.dot(x, wt2, acc2, input_precision=DOT_PRECISION)
+        wt2 = _weff_tile(w2_ptr + offs_w, b2_ptr + offs_w, rc, mask_w).to(x_ptr.dtype.element_ty)
+        acc2 = tl.dot(x, wt2, acc2, input_precision=DOT_PRECISION)
     mask = mask_m[:, None] & mask_n[None, :]
-    if SWIGLU:
-        gu = gu_ptr + offs_m[:, None] * (2 * N) + offs_n[None, :]
-        tl.store(gu, acc.to(gu_ptr.dtype.element_ty), mask=mask)
-        tl.store(gu + N, acc2.to(gu_ptr.dtype.element_ty), mask=mask)
-        acc = acc * tl.sigmoid(acc) * acc2
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    gu = gu_ptr + offs_m[:, None] * (2 * N) + offs_n[None, :]
+    tl.store(gu, acc.to(gu_ptr.dtype.element_ty), mask=mask)
+    tl.store(gu + N, acc2.to(gu_ptr.dtype.element_ty), mask=mask)
+    out = acc * tl.sigmoid(acc) * acc2
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dx_accumulate(acc, g_ptrs, w_ptr, b_ptr, r_ptr, c, offs_k, mask_m, mask_k, N, K, stride_gn,
+                   DOT_PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc += G W_eff over all N, for the (BLOCK_M, BLOCK_K) tile of dx; g_ptrs point at column
+    0 of this tile's rows of G."""
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        r = tl.load(r_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        offs_w = offs_n[:, None] * K + offs_k[None, :]
+        g = tl.load(g_ptrs + offs_n[None, :] * stride_gn, mask=mask_m[:, None] & mask_n[None, :], other=0.0)
+        w = _weff_tile(w_ptr + offs_w, b_ptr + offs_w, r[:, None] * c[None, :],
+                       mask_n[:, None] & mask_k[None, :]).to(g_ptrs.dtype.element_ty)
+        acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)
+    return acc
 
 
 @_autotune(("BLOCK_M", "BLOCK_K", "BLOCK_N"), _GEMM_SHAPES, key=["M_BUCKET", "N", "K", "TWO"])
@@ -218,7 +272,7 @@ def _masked_delta_backward_dx_kernel(
     TWO: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """dx (T, K) = G₀ W_eff (+ G₁ W2_eff when TWO) in one loop over N; G is (T, 1 or 2, N)."""
+    """dx (T, K) = G₀ W_eff (+ G₁ W2_eff when TWO), one fp32 accumulator; G is (T, 1 or 2, N)."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -227,22 +281,15 @@ def _masked_delta_backward_dx_kernel(
     mask_k = offs_k < K
     c = tl.load(c_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < N
-        g_ptrs = g_ptr + offs_m[:, None] * stride_gt + offs_n[None, :] * stride_gn
-        mask_g = mask_m[:, None] & mask_n[None, :]
-        r = tl.load(r_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        offs_w = offs_n[:, None] * K + offs_k[None, :]
-        mask_w = mask_n[:, None] & mask_k[None, :]
-        rc = r[:, None] * c[None, :]
-        g = tl.load(g_ptrs, mask=mask_g, other=0.0)
-        w = _weff_tile(w_ptr + offs_w, b_ptr + offs_w, rc, mask_w).to(g_ptr.dtype.element_ty)
-        acc = tl.dot(g, w, acc, input_precision=DOT_PRECISION)
-        if TWO:
-            g2 = tl.load(g_ptrs + stride_gp, mask=mask_g, other=0.0)
-            w2 = _weff_tile(w2_ptr + offs_w, b2_ptr + offs_w, rc, mask_w).to(g_ptr.dtype.element_ty)
-            acc = tl.dot(g2, w2, acc, input_precision=DOT_PRECISION)
+    g_ptrs = g_ptr + offs_m[:, None] * stride_gt
+    acc = _dx_accumulate(acc, g_ptrs, w_ptr, b_ptr, r_ptr, c, offs_k, mask_m, mask_k, N, K, stride_gn,
+                         DOT_PRECISION, BLOCK_N)
+    if TWO:
+        # The second weight in a second pass over N, not interleaved in the first: one W_eff
+        # tile (and its W, B loads in flight) live at a time. Interleaved, 5 of the 8 configs
+        # spilled on sm_90 (found by lcdd_kernels/kernel_check).
+        acc = _dx_accumulate(acc, g_ptrs + stride_gp, w2_ptr, b2_ptr, r_ptr, c, offs_k, mask_m, mask_k, N, K,
+                             stride_gn, DOT_PRECISION, BLOCK_N)
     tl.store(dx_ptr + offs_m[:, None] * K + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_k[None, :])
 
@@ -376,12 +423,16 @@ def _fused_forward(x2, pairs, r, c, bias):
     n = pairs[0][0].shape[0]
     out, gu = _outputs(x2, pairs)
     if t:
-        (w, b), (w2, b2) = pairs[0], pairs[-1]
         grid = lambda meta: (triton.cdiv(t, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa: E731
-        _masked_delta_forward_kernel[grid](
-            x2, w, b, w2, b2, r, c, bias, out, gu, t, n, k, x2.stride(0), x2.stride(1), _bucket(t),
-            SWIGLU=gu is not None, HAS_BIAS=bias is not None, DOT_PRECISION=_dot_precision(x2.dtype),
-        )
+        common = (t, n, k, x2.stride(0), x2.stride(1), _bucket(t))
+        if gu is None:
+            (w, b), = pairs
+            _masked_delta_forward_kernel[grid](x2, w, b, r, c, bias, out, *common, HAS_BIAS=bias is not None,
+                                               DOT_PRECISION=_dot_precision(x2.dtype))
+        else:
+            (w, b), (w2, b2) = pairs
+            _masked_delta_swiglu_forward_kernel[grid](x2, w, b, w2, b2, r, c, out, gu, *common,
+                                                      DOT_PRECISION=_dot_precision(x2.dtype))
     return out, gu
 
 
