@@ -41,7 +41,7 @@ def row(launch, cc: int, result: dict, cached: bool) -> dict:
     }
 
 
-def build(rows, cuda_rows, *, uncovered, problems, triton, python, seconds) -> dict:
+def build(rows, cuda_rows, *, uncovered, problems, triton, python, seconds, cache_dir=None) -> dict:
     rows = sorted(rows, key=lambda r: (r["module"], r["kernel"], r["dtype"], r["arch"], json.dumps(r["config"])))
     counts = collections.Counter(r["status"] for r in rows)
     cuda_bad = [r for r in cuda_rows if r["status"] != "ok"]
@@ -50,6 +50,7 @@ def build(rows, cuda_rows, *, uncovered, problems, triton, python, seconds) -> d
         "triton": triton,
         "python": python,
         "seconds": round(seconds, 1),
+        "cache_dir": cache_dir,
         "counts": dict(counts),
         "uncovered": uncovered,
         "problems": problems,

@@ -173,7 +173,7 @@ def check_kernels(*, dtypes=("float32", "float16", "bfloat16"), archs=ARCHS, job
 
         cuda_rows = cuda_sources.check(archs, cuda_root, echo=echo)
     result = report.build(rows, cuda_rows, uncovered=uncovered, problems=problems, triton=version,
-                          python=sys.version.split()[0], seconds=time.perf_counter() - t0)
+                          python=sys.version.split()[0], seconds=time.perf_counter() - t0, cache_dir=cache_dir)
     if out_json:
         report.write_json(result, out_json)
     text = report.summary(result)

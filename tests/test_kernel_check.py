@@ -1,0 +1,102 @@
+"""lcdd check-kernels can fail: test-only kernels (tests/kernel_check_fixtures) that spill, do not
+compile or are never launched are reported as such, a clean one passes. Compiles for real
+(Triton for sm_90/sm_80 and ptxas from the triton wheel; no GPU needed)."""
+
+import pathlib
+
+import pytest
+
+from lcdd_kernels.kernel_check import discovery, occupancy, sass
+
+FIXTURES = pathlib.Path(__file__).parent / "kernel_check_fixtures"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    from lcdd_kernels.kernel_check import check_kernels
+
+    out = tmp_path_factory.mktemp("kc")
+    return check_kernels(dtypes=("float32",), archs=(90, 80), jobs=2, cache_dir=str(out / "cache"),
+                         out_json=str(out / "table.json"), sources=((str(FIXTURES), "tests.kernel_check_fixtures"),),
+                         scenario_modules=("tests.kernel_check_fixtures.kernels",), autotune_modes=("1",),
+                         cuda=False, echo=lambda *a: None)
+
+
+def _rows(report, kernel):
+    rows = [r for r in report["triton_rows"] if r["kernel"] == kernel]
+    assert {r["arch"] for r in rows} == {"sm_90", "sm_80"}
+    return rows
+
+
+def test_spilling_kernel_is_reported(report):
+    for r in _rows(report, "_spilling_kernel"):
+        assert r["status"] == "spill", r
+        assert r["spill_store_bytes"] > 0 and r["spill_load_bytes"] > 0
+        assert r["local_loads"] > 0 and r["local_stores"] > 0
+
+
+def test_kernel_that_does_not_compile_is_reported(report):
+    for r in _rows(report, "_broken_kernel"):
+        assert r["status"] == "error" and r["error"], r
+
+
+def test_clean_kernel_passes_with_its_specialisation(report):
+    for r in _rows(report, "_clean_kernel"):
+        assert r["status"] == "ok", r
+        assert r["spill_store_bytes"] == 0 and r["local_loads"] == 0
+        # the JIT's own specialisation: CPU allocations are 16-byte aligned, n = 4096 divisible by 16
+        assert set(r["aligned"]) == {"x_ptr", "out_ptr", "n"}
+        assert 0 < r["occupancy"] <= 1
+
+
+def test_uncovered_kernel_and_overall_failure(report):
+    assert report["uncovered"] == ["tests.kernel_check_fixtures.kernels._never_launched_kernel"]
+    assert report["ok"] is False
+    assert report["counts"] == {"spill": 2, "error": 2, "ok": 2}
+
+
+def test_cache_returns_the_same_rows(report):
+    from lcdd_kernels.kernel_check import check_kernels
+
+    # Same cache directory as the fixture: every successful compile is served from it.
+    first = {(r["kernel"], r["arch"]): r for r in report["triton_rows"]}
+    again = check_kernels(dtypes=("float32",), archs=(90, 80), jobs=2, cache_dir=report["cache_dir"],
+                          sources=((str(FIXTURES), "tests.kernel_check_fixtures"),),
+                          scenario_modules=("tests.kernel_check_fixtures.kernels",), autotune_modes=("1",),
+                          cuda=False, echo=lambda *a: None)
+    for r in again["triton_rows"]:
+        assert r["cached"] == (r["status"] != "error")
+        if r["status"] != "error":
+            assert r["registers"] == first[(r["kernel"], r["arch"])]["registers"]
+
+
+def test_discovery_finds_every_jit_function():
+    found = discovery.jit_functions(FIXTURES, "tests.kernel_check_fixtures")
+    assert found == {"tests.kernel_check_fixtures.kernels": [
+        "_spilling_kernel", "_broken_kernel", "_clean_kernel", "_never_launched_kernel"]}
+
+
+def test_sass_counts_and_ptxas_report():
+    code = """
+        /*0190*/                   LDL.64 R4, [R1+0x10] ;
+        /*01a0*/              @!P0 STL [R1+0x8], R2 ;
+        /*01b0*/                   HGMMA.64x128x16.F32.BF16 gdesc[UR4], RZ, !UPT ;
+        /*01c0*/                   LDL R6, [R1] ;
+    """
+    assert sass.sass_counts(code) == {"local_loads": 2, "local_stores": 1, "mma": "wgmma"}
+    assert sass.sass_counts("/*0010*/ HMMA.16816.F32.BF16 R0, R4, R8, R0 ;")["mma"] == "mma.sync"
+    log = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\nptxas info    : Function properties for k\n"
+           "    968 bytes stack frame, 1756 bytes spill stores, 1752 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 968 bytes cumulative stack size\n")
+    assert sass.ptxas_usage(log, "k") == {"registers": 255, "stack_bytes": 968, "spill_store_bytes": 1756,
+                                          "spill_load_bytes": 1752}
+
+
+def test_occupancy_limits():
+    # 128 threads at 128 registers: 16K registers a block, 4 blocks = 16 warps of 64
+    assert occupancy.occupancy(90, 128, 0, 4) == {"blocks_per_sm": 4, "occupancy": 0.25}
+    # shared memory bound: 100 KiB a block leaves room for 2 on sm_90, 1 on sm_80
+    assert occupancy.occupancy(90, 32, 100 * 1024, 4)["blocks_per_sm"] == 2
+    assert occupancy.occupancy(80, 32, 100 * 1024, 4)["blocks_per_sm"] == 1
+    # more than a block may have cannot launch at all
+    assert occupancy.occupancy(80, 32, 200 * 1024, 4)["blocks_per_sm"] == 0
