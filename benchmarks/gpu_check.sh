@@ -9,9 +9,12 @@
 # package runs from the source tree (PYTHONPATH). Every stage runs under `timeout` inside one
 # overall budget; a failed or timed-out stage is recorded and the next one still runs.
 # What comes back (at most 9 files): summary.txt (one line per stage: exit status, seconds),
-# log.txt (every stage's output), training-gpu.json / .png, designs-gpu.json (Triton fused vs
-# split), <suite>-gpu.json for each hook suite (carrier, eraser, lcdd-step), and serving-gpu.json
-# where vLLM is installed.
+# log.txt (every stage's output), training-gpu.json, designs-gpu.json (Triton fused vs split),
+# <suite>-gpu.json for each hook suite (carrier, eraser, lcdd-step), serving-gpu.json where vLLM
+# is installed, and kernels-gpu.json (the kernel check on the device against the driver, and every
+# measured kernel as a fraction of its roofline floor). The device tool returns 8 files: with vLLM
+# installed one is left out. The training plot is drawn from training-gpu.json afterwards
+# (`lcdd bench plot training-gpu.json`), not here.
 set -u
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -86,7 +89,6 @@ QUICK=--quick
 [ "${GPU_BENCH_FULL:-0}" = 1 ] && QUICK=
 stage bench-training 120 "${LCDD[@]}" bench training --device cuda --dtype bfloat16 $QUICK \
     --out "$OUT/training-gpu.json" --force
-stage plot-training 15 "${LCDD[@]}" bench plot "$OUT/training-gpu.json" --out "$OUT/training-gpu.png" --force
 
 # 5. The two Triton designs side by side over T (full fwd+bwd): where split overtakes fused sets
 #    FUSED_MAX_TOKENS in lcdd_kernels/ops/masked_delta_triton.py.
@@ -115,6 +117,25 @@ else
     echo "bench-serving: vLLM is not installed for $PY (stage skipped)" >>"$SUMMARY"
 fi
 
-rm -f "$OUT"/*.tmp  # a results file interrupted mid-write
+# 7. Kernels: every measured row as a fraction of its floor (benchmarks/results/roofline-h200.json),
+#    then `lcdd check-kernels` here (bf16, sm_90) and the driver's registers/spills of every kernel
+#    the same scenarios compile for real, against the check's prediction. Both into kernels-gpu.json.
+stage roofline 20 "$PY" -m lcdd_kernels.bench.roofline compare "$OUT/training-gpu.json" "$OUT/designs-gpu.json" \
+    "$OUT/carrier-gpu.json" --out "$OUT/roofline.tmp"
+KC_TMP=$(mktemp -d)
+stage check-kernels 120 "${LCDD[@]}" check-kernels --archs 90 --dtypes bfloat16 --no-cuda --cache-dir "$KC_TMP" \
+    --out "$OUT/kc-table.tmp"
+stage kernels-vs-driver 120 "$PY" -m lcdd_kernels.kernel_check.device "$OUT/kc-table.tmp" --dtypes bfloat16 \
+    --out "$OUT/kc-device.tmp"
+"$PY" - "$OUT" <<'PYEOF' >>"$LOG" 2>&1
+import json, pathlib, sys
+out = pathlib.Path(sys.argv[1])
+part = lambda name: json.loads((out / name).read_text()) if (out / name).exists() else None
+(out / "kernels-gpu.json").write_text(json.dumps(
+    {"device_vs_check": part("kc-device.tmp"), "roofline": part("roofline.tmp")}, indent=1) + "\n")
+PYEOF
+rm -rf "$KC_TMP"
+
+rm -f "$OUT"/*.tmp  # a results file interrupted mid-write, and the parts merged above
 echo "total: $(($(date +%s) - START))s of ${BUDGET_S}s" >>"$SUMMARY"
 cat "$SUMMARY"

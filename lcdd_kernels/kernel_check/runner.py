@@ -112,24 +112,23 @@ def check_kernels(*, dtypes=("float32", "float16", "bfloat16"), archs=ARCHS, job
 
     Returns the report (see :mod:`.report`); ``report["ok"]`` is False on any compile error,
     spill, uncovered kernel or scenario failure. ``kernels``: only kernels whose name contains
-    this string (a quicker look at one kernel; coverage is then not judged).
+    one of these comma-separated strings (a quicker look at one kernel; coverage is then not judged).
     """
     jobs = jobs or os.cpu_count() or 1
     t0 = time.perf_counter()
     env = {"TRITON_INTERPRET": "0"}
-    recs = []
-    with cf.ThreadPoolExecutor(len(autotune_modes)) as threads:
-        pools = [_worker_pool(1, {**env, "LCDD_TRITON_AUTOTUNE": mode}) for mode in autotune_modes]
-        try:
-            futs = [p.submit(_record, tuple(sources), tuple(scenario_modules), tuple(dtypes)) for p in pools]
-            recs = [f.result() for f in futs]
-        finally:
-            for p in pools:
-                p.shutdown()
+    # One process per autotune mode (the mode is read when the kernels are defined), side by side.
+    pools = [_worker_pool(1, {**env, "LCDD_TRITON_AUTOTUNE": mode}) for mode in autotune_modes]
+    try:
+        futs = [p.submit(_record, tuple(sources), tuple(scenario_modules), tuple(dtypes)) for p in pools]
+        recs = [f.result() for f in futs]
+    finally:
+        for p in pools:
+            p.shutdown()
     launches, keys = {}, {}
     for mode, rec in zip(autotune_modes, recs):
         for launch in rec["launches"]:
-            if kernels and kernels not in launch.kernel:
+            if kernels and not any(part in launch.kernel for part in kernels.split(",")):
                 continue
             launches.setdefault(launch.key(), launch)
             keys[launch.key()] = rec["keys"][launch.key()]

@@ -51,8 +51,11 @@ def _tf32(on: bool):
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+_DEVICE = "cpu"  # kernel_check.device runs the same scenarios on the GPU, for real
+
+
 def _param(shape, dtype, grad):
-    return torch.zeros(shape, dtype=dtype).requires_grad_(grad)
+    return torch.zeros(shape, dtype=dtype, device=_DEVICE).requires_grad_(grad)
 
 
 def _masked_delta(dtype: torch.dtype):
@@ -91,11 +94,11 @@ def _carrier(dtype: torch.dtype):
     n_in, n_out = 512, 2048
     for n_tok, max_rows, routed in itertools.product((16, 32, 64, 128, 256, 4096), (256, 1024), (False, True)):
         def add(n_tok=n_tok, max_rows=max_rows, routed=routed):
-            x = torch.zeros(n_tok, n_in, dtype=dtype)
-            y = torch.zeros(n_tok, n_out, dtype=dtype)
-            views = torch.zeros(2, 6, dtype=torch.int64)
-            seg = torch.tensor([0, n_tok // 2, n_tok], dtype=torch.int32)
-            tok = torch.arange(n_tok, dtype=torch.int32) if routed else None
+            x = torch.zeros(n_tok, n_in, dtype=dtype, device=_DEVICE)
+            y = torch.zeros(n_tok, n_out, dtype=dtype, device=_DEVICE)
+            views = torch.zeros(2, 6, dtype=torch.int64, device=_DEVICE)  # empty carriers
+            seg = torch.tensor([0, n_tok // 2, n_tok], dtype=torch.int32, device=_DEVICE)
+            tok = torch.arange(n_tok, dtype=torch.int32, device=_DEVICE) if routed else None
             carrier_triton.carrier_add_(y, x, views, tok, seg, max_rows)
 
         yield f"carrier_add_ T={n_tok} max_rows={max_rows} routed={routed}", add
@@ -106,9 +109,9 @@ def _gather(dtype: torch.dtype):
 
     for n_ch, index in itertools.product((16, 32, 64, 128, 256, 512, 1024, 4096), (torch.int32, torch.int64)):
         def gather(n_ch=n_ch, index=index):
-            hidden = torch.zeros(16, 32, 4096, dtype=dtype)
-            positions = torch.zeros(16, dtype=torch.int64)
-            channels = torch.zeros(n_ch, dtype=index)
+            hidden = torch.zeros(16, 32, 4096, dtype=dtype, device=_DEVICE)
+            positions = torch.zeros(16, dtype=torch.int64, device=_DEVICE)
+            channels = torch.zeros(n_ch, dtype=index, device=_DEVICE)
             out = hidden.new_empty(16, n_ch)
             gather_triton.gather_channels_into(out, hidden, positions, channels)
 
