@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 BUILD  ?= build/cmake
 STAMP  := $(VENV)/.lcdd-installed
 
-.PHONY: all install native test test-python test-native test-vllm fuzz bench demo clean distclean
+.PHONY: all install native test test-python test-native test-vllm fuzz check-kernels check-kernels-old bench demo clean distclean
 
 all: test
 
@@ -33,7 +33,31 @@ test-native: native
 test-python: native
 	$(PY) -m pytest -q tests
 
-test: test-native test-python
+# Every GPU kernel compiled for sm_90 and sm_80 without a GPU (lcdd check-kernels): fails on any
+# compile error, register spill or kernel the check does not reach. Results are cached in
+# $(KC_DIR)/cache by kernel source, Triton version and launch, so an unchanged kernel is not
+# recompiled; the table and summary land in $(KC_DIR).
+KC_DIR ?= build/kernel-check
+check-kernels: install
+	$(VENV)/bin/lcdd check-kernels --cache-dir $(KC_DIR) --out $(KC_DIR)/table.json --summary $(KC_DIR)/summary.txt
+
+# The same check against the oldest Triton of the supported range (what torch 2.9 ships), in its
+# own small venv (CPU torch 2.13.0 from local disk, pinned first, and that Triton), on a subset:
+# bfloat16, every kernel and every config, both archs, Triton kernels only (the CUDA sources do
+# not depend on Triton). It catches Triton API differences here, not on a user's GPU.
+TRITON_OLD ?= 3.5.0
+OLD_VENV   := build/triton-old
+$(OLD_VENV)/.installed-$(TRITON_OLD):
+	test -x $(OLD_VENV)/bin/python || $(PYTHON) -m venv $(OLD_VENV)
+	$(OLD_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(OLD_VENV)/bin/python -m pip install -q triton==$(TRITON_OLD)
+	touch $@
+
+check-kernels-old: $(OLD_VENV)/.installed-$(TRITON_OLD)
+	PYTHONPATH=$(CURDIR) $(OLD_VENV)/bin/python -m lcdd_kernels.kernel_check --dtypes bfloat16 --no-cuda \
+		--cache-dir $(KC_DIR)-old --out $(KC_DIR)-old/table.json --summary $(KC_DIR)-old/summary.txt
+
+test: test-native test-python check-kernels check-kernels-old
 
 # A long differential fuzz run: hypothesis profile "fuzz" (tests/conftest.py; `make test` runs the
 # same suites with the small, derandomized "ci" profile). Prints the cases checked per op/backend.

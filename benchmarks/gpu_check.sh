@@ -18,7 +18,7 @@
 set -u
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cd "$REPO"
+cd "$REPO" || exit 1
 OUT=${OUT:-$REPO/gpu-out}
 mkdir -p "$OUT"
 PY=${PYTHON:-/opt/torch/.venv/bin/python3}
@@ -63,6 +63,7 @@ stage() {
 } >>"$SUMMARY"
 
 # 1. What machine this is (GPU, driver, versions, which backends can run).
+# shellcheck disable=SC2016  # $0 expands in the inner shell: it is the Python
 stage env 30 bash -c 'nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nvcc --version | tail -2; "$0" -m lcdd_kernels.cli env' "$PY"
 
 # 2. Build lcdd_kernels._C (C++ and CUDA, sm_90) in place. The package works without it, so a

@@ -74,20 +74,32 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 #: (rows of the output tile, columns of the output tile, reduction step, num_warps, num_stages).
 #: Small row tiles serve the few-token calls that ``fused`` is dispatched for.
+#:
+#: Every config must compile without spills for fp32, fp16 and bf16 on sm_90 and sm_80
+#: (``lcdd check-kernels`` checks it). Two budgets decide, per thread and per block:
+#: registers — the fp32 accumulator (BM·BN / threads) plus the W and B tiles that form W_eff in
+#: registers (BK·BN / threads each) must stay well under 255; shared memory — (stages − 1)
+#: copies of the x, W and B tiles plus the epilogue's scratch, in fp32 (twice bf16), must fit
+#: sm_80's 163 KiB. Hence three stages, 32-deep steps for the 128-wide tiles and 8 warps for
+#: 128×128. Measured before (bf16, sm_90): (128, 128, 32, 4 warps) at 218 registers, the 4-stage
+#: configs at 108–144 KiB of shared memory (fp32: beyond sm_80), (128, 128, 64, 8, 3) at 128 KiB
+#: (fp32: beyond sm_90 too).
 _GEMM_SHAPES = [
-    (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 64, 64, 4, 4),
-    (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 32, 4, 4),
+    (16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 128, 32, 4, 3), (64, 64, 64, 4, 3),
+    (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3),
 ]
-#: The SwiGLU forward keeps two fp32 accumulators: PROVISIONAL until the check's results land.
-_SWIGLU_SHAPES = [
-    (16, 64, 128, 4, 4), (32, 64, 128, 4, 4), (32, 128, 64, 4, 4), (64, 64, 64, 4, 4),
-    (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 64, 8, 3),
-]
-_DW_SHAPES = [(64, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (128, 128, 64, 8, 3), (128, 128, 32, 8, 4)]
+#: The SwiGLU forward keeps two accumulators and forms two W_eff tiles per step: the same
+#: budgets with both, so at most 64 accumulator registers a thread and 32-deep steps. Measured
+#: before on the linear kernel's configs (bf16, sm_90): 2 spilled (32×64×128 and 32×128×64, 255
+#: registers), 128×128×64 at 255 registers, 16×64×128 at 204 KiB of shared memory.
+_SWIGLU_SHAPES = [(16, 64, 32, 4, 3), (32, 64, 32, 4, 3), (64, 64, 32, 4, 3), (128, 64, 32, 8, 3)]
+#: dW: the P tile's accumulator, then the epilogue holds P, W and B tiles at once (3·BN·BK /
+#: threads registers): 8 warps for the 128-wide tiles.
+_DW_SHAPES = [(64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 32, 8, 3)]
 _INTERPRET_SHAPE = (64, 64, 64, 1, 1)
 #: With LCDD_TRITON_AUTOTUNE=0 (read at import) CUDA uses this one config: for GPU test runs,
 #: where tuning every small test shape would cost more compile time than the tests themselves.
-_UNTUNED_SHAPE = (64, 64, 64, 4, 3)
+_UNTUNED_SHAPE = (64, 64, 64, 4, 3)  # one of _GEMM_SHAPES, _DW_SHAPES: checked there too
 _TUNE = not _INTERPRET and os.environ.get("LCDD_TRITON_AUTOTUNE", "1") != "0"
 
 #: Tile (rows, columns) and warps of the memory-bound element kernels (not autotuned: the dW
@@ -215,8 +227,8 @@ def _masked_delta_swiglu_forward_kernel(
 
     Its own kernel, with its own configs (``_SWIGLU_SHAPES``), because it holds two fp32
     accumulators and forms two W_eff tiles per step: on the linear kernel's tiles (one
-    accumulator) that is twice the registers, and ptxas spilled 14 of those configs (up to 1.9 KB
-    of stack per thread; the check of lcdd_kernels/kernel_check found them)."""
+    accumulator) that is twice the registers, and ptxas spilled some of those configs (up to
+    1.9 KB of stack per thread in the first check; lcdd_kernels/kernel_check finds them)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
