@@ -82,7 +82,7 @@ setup(
     # would let pip pull a multi-GB CUDA build.
     install_requires=[
         "torch>=2.4",
-        "triton>=3.0; platform_system == 'Linux'",
+        "triton>=3.5; platform_system == 'Linux'",  # 3.5 (torch 2.9) to 3.9: README, Checking the GPU kernels
         "transformers>=4.56",
         "safetensors>=0.4",
         "numpy",
