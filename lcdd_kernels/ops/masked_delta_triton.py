@@ -89,10 +89,11 @@ _GEMM_SHAPES = [
     (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3),
 ]
 #: The SwiGLU forward keeps two accumulators and forms two W_eff tiles per step: the same
-#: budgets with both, so at most 64 accumulator registers a thread and 32-deep steps. Measured
-#: before on the linear kernel's configs (bf16, sm_90): 2 spilled (32×64×128 and 32×128×64, 255
-#: registers), 128×128×64 at 255 registers, 16×64×128 at 204 KiB of shared memory.
-_SWIGLU_SHAPES = [(16, 64, 32, 4, 3), (32, 64, 32, 4, 3), (64, 64, 32, 4, 3), (128, 64, 32, 8, 3)]
+#: budgets with both, so at most 32 accumulator registers a thread (2·BM·BN / threads) and
+#: 32-deep steps. Measured (bf16): on the linear kernel's configs 2 spilled on sm_90 (32×64×128
+#: and 32×128×64, 255 registers); at 64 accumulator registers a thread (64×64 with 4 warps,
+#: 128×64 with 8) sm_90 is clean but sm_80's mma.sync spills (255 registers, 8–64 B).
+_SWIGLU_SHAPES = [(16, 64, 32, 4, 3), (32, 64, 32, 4, 3), (64, 64, 32, 8, 3), (128, 32, 32, 8, 3)]
 #: dW: the P tile's accumulator, then the epilogue holds P, W and B tiles at once (3·BN·BK /
 #: threads registers): 8 warps for the 128-wide tiles.
 _DW_SHAPES = [(64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 32, 8, 3)]
