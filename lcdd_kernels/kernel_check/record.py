@@ -112,7 +112,14 @@ class Recorder:
         self._add(fn, args, kwargs)
 
     def autotuner_run(self, tuner, args, kwargs):
-        for config in tuner.configs:
+        """Every config the tuner may pick for this call: its list, after its own pruning (what
+        ``Autotuner.prune_configs`` does before timing)."""
+        configs = tuner.configs
+        prune = getattr(tuner, "early_config_prune", None)
+        if prune and len(configs) > 1:
+            nargs = dict(zip(tuner.arg_names, args))
+            configs = prune(configs, nargs, **{k: v for k, v in kwargs.items() if k not in _LAUNCH_KWARGS})
+        for config in configs:
             self._add(tuner.fn, args, {**kwargs, **_config_kwargs(config)})
 
 

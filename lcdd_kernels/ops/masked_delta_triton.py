@@ -97,10 +97,19 @@ _SWIGLU_SHAPES = [(16, 64, 32, 4, 3), (32, 64, 32, 4, 3), (64, 64, 32, 8, 3), (1
 #: dW: the P tile's accumulator, then the epilogue holds P, W and B tiles at once (3·BN·BK /
 #: threads registers): 8 warps for the 128-wide tiles.
 _DW_SHAPES = [(64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128, 128, 32, 8, 3)]
+#: fp32 without TF32 (``DOT_PRECISION="ieee"``) has no tensor-core MMA: ``tl.dot`` becomes FMAs
+#: on register copies of both operand tiles (rows of x × BK and BK × columns of W_eff per
+#: thread), so the reduction step must be short. On the tiles above, fp32 "ieee" spilled at
+#: every config of the SwiGLU forward (20 B to 14.7 KB on sm_90). 16 is tl.dot's smallest K.
+_FMA_GEMM_SHAPES = [(16, 32, 16, 4, 3), (32, 32, 16, 4, 3), (32, 64, 16, 4, 3), (64, 64, 16, 8, 3)]
+_FMA_SWIGLU_SHAPES = [(16, 32, 16, 4, 3), (32, 32, 16, 4, 3), (64, 32, 16, 8, 3)]
+_FMA_DW_SHAPES = [(64, 64, 16, 8, 3)]
 _INTERPRET_SHAPE = (64, 64, 64, 1, 1)
-#: With LCDD_TRITON_AUTOTUNE=0 (read at import) CUDA uses this one config: for GPU test runs,
+#: With LCDD_TRITON_AUTOTUNE=0 (read at import) CUDA uses one config per call: for GPU test runs,
 #: where tuning every small test shape would cost more compile time than the tests themselves.
-_UNTUNED_SHAPE = (64, 64, 64, 4, 3)  # one of _GEMM_SHAPES, _DW_SHAPES: checked there too
+_UNTUNED_SHAPE = (64, 64, 64, 4, 3)  # one of _GEMM_SHAPES and _DW_SHAPES: checked there too
+_UNTUNED_SWIGLU_SHAPE = _SWIGLU_SHAPES[2]
+_UNTUNED_FMA_SHAPE = _FMA_DW_SHAPES[0]
 _TUNE = not _INTERPRET and os.environ.get("LCDD_TRITON_AUTOTUNE", "1") != "0"
 
 #: Tile (rows, columns) and warps of the memory-bound element kernels (not autotuned: the dW
@@ -108,19 +117,38 @@ _TUNE = not _INTERPRET and os.environ.get("LCDD_TRITON_AUTOTUNE", "1") != "0"
 _ELEM_BLOCK, _ELEM_WARPS = ((64, 64), 1) if _INTERPRET else ((64, 128), 8)
 
 
-def _autotune(names, shapes, key):
-    shapes = shapes if _TUNE else [_INTERPRET_SHAPE if _INTERPRET else _UNTUNED_SHAPE]
-    configs = [triton.Config(dict(zip(names, s[:3])), num_warps=s[3], num_stages=s[4]) for s in shapes]
-    return triton.autotune(configs=configs, key=key)
+def _autotune(names, shapes, key, fma_shapes, untuned=_UNTUNED_SHAPE):
+    """Autotune over ``shapes`` for tensor-core dots and ``fma_shapes`` for fp32 "ieee" dots
+    (pruned per call by the first tensor's dtype and DOT_PRECISION, before any timing)."""
+    if _INTERPRET:
+        shapes = fma_shapes = [_INTERPRET_SHAPE]
+    elif not _TUNE:
+        shapes, fma_shapes = [untuned], [_UNTUNED_FMA_SHAPE]
+    configs, seen = [], set()
+    for s in list(shapes) + list(fma_shapes):
+        if s not in seen:
+            seen.add(s)
+            configs.append(triton.Config(dict(zip(names, s[:3])), num_warps=s[3], num_stages=s[4]))
+
+    def shape(config):
+        return tuple(config.kwargs[n] for n in names) + (config.num_warps, config.num_stages)
+
+    def by_dot(configs, nargs, **kwargs):
+        first = next(v for v in nargs.values() if hasattr(v, "element_size"))
+        fma = first.element_size() == 4 and kwargs.get("DOT_PRECISION", nargs.get("DOT_PRECISION")) == "ieee"
+        allowed = set(fma_shapes if fma else shapes)
+        return [c for c in configs if shape(c) in allowed]
+
+    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": by_dot})
 
 
 #: The dW partial-sum buffers are allocated before autotuning picks a tile, so the fused dW
 #: kernel writes its partial sums at the granularity of the smallest tile any config uses. The
 #: interpreter uses half its tile, so that the tests run the several-parts-per-tile path too.
 _DW_PART_N, _DW_PART_K = (
-    (min(s[0] for s in _DW_SHAPES), min(s[1] for s in _DW_SHAPES)) if _TUNE
+    (min(s[0] for s in _DW_SHAPES + _FMA_DW_SHAPES), min(s[1] for s in _DW_SHAPES + _FMA_DW_SHAPES)) if _TUNE
     else (_INTERPRET_SHAPE[0] // 2, _INTERPRET_SHAPE[1] // 2) if _INTERPRET
-    else _UNTUNED_SHAPE[:2]
+    else (min(_UNTUNED_SHAPE[0], _UNTUNED_FMA_SHAPE[0]), min(_UNTUNED_SHAPE[1], _UNTUNED_FMA_SHAPE[1]))
 )
 
 
@@ -182,7 +210,7 @@ def _dw_epilogue(p, w_ptr, b_ptr, r_ptr, c_ptr, dw_ptr, dr_part_ptr, dc_part_ptr
                 tl.store(dc_part_ptr + row * K + offs_k, part, mask=mask_k & (row * PART_N + 0 * offs_k < N))
 
 
-@_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _GEMM_SHAPES, key=["M_BUCKET", "N", "K"])
+@_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _GEMM_SHAPES, ["M_BUCKET", "N", "K"], _FMA_GEMM_SHAPES)
 @triton.jit
 def _masked_delta_forward_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, c_ptr, bias_ptr, out_ptr,
@@ -216,7 +244,8 @@ def _masked_delta_forward_kernel(
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _SWIGLU_SHAPES, key=["M_BUCKET", "N", "K"])
+@_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _SWIGLU_SHAPES, ["M_BUCKET", "N", "K"], _FMA_SWIGLU_SHAPES,
+           untuned=_UNTUNED_SWIGLU_SHAPE)
 @triton.jit
 def _masked_delta_swiglu_forward_kernel(
     x_ptr, w_ptr, b_ptr, w2_ptr, b2_ptr, r_ptr, c_ptr, out_ptr, gu_ptr,
@@ -277,7 +306,7 @@ def _dx_accumulate(acc, g_ptrs, w_ptr, b_ptr, r_ptr, c, offs_k, mask_m, mask_k, 
     return acc
 
 
-@_autotune(("BLOCK_M", "BLOCK_K", "BLOCK_N"), _GEMM_SHAPES, key=["M_BUCKET", "N", "K", "TWO"])
+@_autotune(("BLOCK_M", "BLOCK_K", "BLOCK_N"), _GEMM_SHAPES, ["M_BUCKET", "N", "K", "TWO"], _FMA_GEMM_SHAPES)
 @triton.jit
 def _masked_delta_backward_dx_kernel(
     g_ptr, w_ptr, b_ptr, w2_ptr, b2_ptr, r_ptr, c_ptr, dx_ptr,
@@ -307,7 +336,7 @@ def _masked_delta_backward_dx_kernel(
              mask=mask_m[:, None] & mask_k[None, :])
 
 
-@_autotune(("BLOCK_N", "BLOCK_K", "BLOCK_T"), _DW_SHAPES, key=["M_BUCKET", "N", "K"])
+@_autotune(("BLOCK_N", "BLOCK_K", "BLOCK_T"), _DW_SHAPES, ["M_BUCKET", "N", "K"], _FMA_DW_SHAPES)
 @triton.jit
 def _masked_delta_backward_dw_kernel(
     g_ptr, x_ptr, w_ptr, b_ptr, r_ptr, c_ptr, dw_ptr, dr_part_ptr, dc_part_ptr,
