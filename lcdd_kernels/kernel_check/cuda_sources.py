@@ -70,7 +70,8 @@ def check(archs, root: str | None = None, echo=print) -> list[dict]:
     names = _demangle([r["function"] for r in rows])
     for r in rows:
         r["mangled"], r["function"] = r["function"], names.get(r["function"], r["function"])
-        known = KNOWN_SPILLS.get((r["function"].split("(")[0], r["arch"]))
+        name = r["function"]
+        known = KNOWN_SPILLS.get((name[: name.index(">(") + 1] if ">(" in name else name, r["arch"]))
         if r["status"] == "spill" and known is not None and r["spill_store_bytes"] + r["spill_load_bytes"] <= known:
             r["status"] = "known-spill"
     echo(f"  CUDA: {len(sources)} sources x {len(archs)} archs, {len(rows)} kernel instantiations")
