@@ -86,7 +86,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 #: (fp32: beyond sm_90 too).
 _GEMM_SHAPES = [
     (16, 64, 64, 4, 3), (32, 64, 64, 4, 3), (32, 128, 32, 4, 3), (64, 64, 64, 4, 3),
-    (64, 128, 32, 4, 3), (128, 64, 32, 4, 3), (128, 128, 32, 8, 3),
+    (64, 128, 32, 4, 3), (128, 64, 32, 8, 3), (128, 128, 32, 8, 3),
 ]
 #: The SwiGLU forward keeps two accumulators and forms two W_eff tiles per step: the same
 #: budgets with both, so at most 32 accumulator registers a thread (2·BM·BN / threads) and
@@ -100,8 +100,10 @@ _DW_SHAPES = [(64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 64, 64, 8, 3), (128
 #: fp32 without TF32 (``DOT_PRECISION="ieee"``) has no tensor-core MMA: ``tl.dot`` becomes FMAs
 #: on register copies of both operand tiles (rows of x × BK and BK × columns of W_eff per
 #: thread), so the reduction step must be short. On the tiles above, fp32 "ieee" spilled at
-#: every config of the SwiGLU forward (20 B to 14.7 KB on sm_90). 16 is tl.dot's smallest K.
-_FMA_GEMM_SHAPES = [(16, 32, 16, 4, 3), (32, 32, 16, 4, 3), (32, 64, 16, 4, 3), (64, 64, 16, 8, 3)]
+#: every config of the SwiGLU forward (20 B to 14.7 KB on sm_90), and the two-weight dx at
+#: 64×64 with 8 warps (4 B on sm_90; 128×64 with 4 warps, tf32: 20 B on sm_80, hence 8 warps
+#: in _GEMM_SHAPES). 16 is tl.dot's smallest K.
+_FMA_GEMM_SHAPES = [(16, 32, 16, 4, 3), (32, 32, 16, 4, 3), (32, 64, 16, 4, 3)]
 _FMA_SWIGLU_SHAPES = [(16, 32, 16, 4, 3), (32, 32, 16, 4, 3), (64, 32, 16, 8, 3)]
 _FMA_DW_SHAPES = [(64, 64, 16, 8, 3)]
 _INTERPRET_SHAPE = (64, 64, 64, 1, 1)
@@ -109,7 +111,7 @@ _INTERPRET_SHAPE = (64, 64, 64, 1, 1)
 #: where tuning every small test shape would cost more compile time than the tests themselves.
 _UNTUNED_SHAPE = (64, 64, 64, 4, 3)  # one of _GEMM_SHAPES and _DW_SHAPES: checked there too
 _UNTUNED_SWIGLU_SHAPE = _SWIGLU_SHAPES[2]
-_UNTUNED_FMA_SHAPE = _FMA_DW_SHAPES[0]
+_UNTUNED_FMA_SHAPE = _FMA_DW_SHAPES[0]  # the dW and SwiGLU kernels'; the others use _FMA_GEMM_SHAPES[-1]
 _TUNE = not _INTERPRET and os.environ.get("LCDD_TRITON_AUTOTUNE", "1") != "0"
 
 #: Tile (rows, columns) and warps of the memory-bound element kernels (not autotuned: the dW
@@ -117,13 +119,13 @@ _TUNE = not _INTERPRET and os.environ.get("LCDD_TRITON_AUTOTUNE", "1") != "0"
 _ELEM_BLOCK, _ELEM_WARPS = ((64, 64), 1) if _INTERPRET else ((64, 128), 8)
 
 
-def _autotune(names, shapes, key, fma_shapes, untuned=_UNTUNED_SHAPE):
+def _autotune(names, shapes, key, fma_shapes, untuned=_UNTUNED_SHAPE, untuned_fma=_UNTUNED_FMA_SHAPE):
     """Autotune over ``shapes`` for tensor-core dots and ``fma_shapes`` for fp32 "ieee" dots
     (pruned per call by the first tensor's dtype and DOT_PRECISION, before any timing)."""
     if _INTERPRET:
         shapes = fma_shapes = [_INTERPRET_SHAPE]
     elif not _TUNE:
-        shapes, fma_shapes = [untuned], [_UNTUNED_FMA_SHAPE]
+        shapes, fma_shapes = [untuned], [untuned_fma]
     configs, seen = [], set()
     for s in list(shapes) + list(fma_shapes):
         if s not in seen:
@@ -210,7 +212,8 @@ def _dw_epilogue(p, w_ptr, b_ptr, r_ptr, c_ptr, dw_ptr, dr_part_ptr, dc_part_ptr
                 tl.store(dc_part_ptr + row * K + offs_k, part, mask=mask_k & (row * PART_N + 0 * offs_k < N))
 
 
-@_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _GEMM_SHAPES, ["M_BUCKET", "N", "K"], _FMA_GEMM_SHAPES)
+@_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _GEMM_SHAPES, ["M_BUCKET", "N", "K"], _FMA_GEMM_SHAPES,
+           untuned_fma=_FMA_GEMM_SHAPES[-1])
 @triton.jit
 def _masked_delta_forward_kernel(
     x_ptr, w_ptr, b_ptr, r_ptr, c_ptr, bias_ptr, out_ptr,
@@ -306,7 +309,8 @@ def _dx_accumulate(acc, g_ptrs, w_ptr, b_ptr, r_ptr, c, offs_k, mask_m, mask_k, 
     return acc
 
 
-@_autotune(("BLOCK_M", "BLOCK_K", "BLOCK_N"), _GEMM_SHAPES, ["M_BUCKET", "N", "K", "TWO"], _FMA_GEMM_SHAPES)
+@_autotune(("BLOCK_M", "BLOCK_K", "BLOCK_N"), _GEMM_SHAPES, ["M_BUCKET", "N", "K", "TWO"], _FMA_GEMM_SHAPES,
+           untuned_fma=_FMA_GEMM_SHAPES[-1])
 @triton.jit
 def _masked_delta_backward_dx_kernel(
     g_ptr, w_ptr, b_ptr, w2_ptr, b2_ptr, r_ptr, c_ptr, dx_ptr,
