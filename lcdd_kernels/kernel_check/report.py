@@ -44,7 +44,7 @@ def row(launch, cc: int, result: dict, cached: bool) -> dict:
 def build(rows, cuda_rows, *, uncovered, problems, triton, python, seconds, cache_dir=None) -> dict:
     rows = sorted(rows, key=lambda r: (r["module"], r["kernel"], r["dtype"], r["arch"], json.dumps(r["config"])))
     counts = collections.Counter(r["status"] for r in rows)
-    cuda_bad = [r for r in cuda_rows if r["status"] not in ("ok", "known-spill")]
+    cuda_bad = [r for r in cuda_rows if r["status"] not in ("ok", "known-spill", "skipped")]
     return {
         "ok": not (counts["error"] or counts["spill"] or uncovered or problems or cuda_bad),
         "triton": triton,
