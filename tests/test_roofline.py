@@ -1,0 +1,50 @@
+"""The roofline table covers every GPU shape of the training and carrier benches, its floors follow
+from the peaks, and the committed results file is the one the code writes."""
+
+import json
+import pathlib
+
+from lcdd_kernels.bench import carrier, roofline, training
+
+RESULTS = pathlib.Path(__file__).resolve().parents[1] / roofline.DEFAULT_FILE
+
+
+def test_results_file_is_current():
+    assert json.loads(RESULTS.read_text())["rows"] == json.loads(json.dumps(roofline.table()))
+
+
+def test_every_gpu_shape_and_provider_has_a_floor():
+    rows = roofline.table()
+    have = {(r["suite"], r["group"], r["provider"], r["mode"]) for r in rows}
+    for (dev, _), (models, tokens) in training.PLANS.items():
+        if dev == "cuda":
+            for case in training.cases(models, tokens):
+                for p in training.PROVIDERS + training.DESIGN_PROVIDERS:
+                    assert {("training", case["group"], p, m) for m in ("forward", "backward", "full")} <= have
+    for (dev, _), (models, projs, tokens, sparsities, mixes, _) in carrier.PLANS.items():
+        if dev == "cuda":
+            for case in carrier.cases(models, tokens, sparsities, mixes, projs):
+                assert {("carrier", case["group"], p, "forward") for p in carrier.PROVIDERS} <= have
+
+
+def test_floors_and_orderings():
+    rows = {(r["suite"], r["group"], r["provider"], r["mode"]): r for r in roofline.table()}
+    for r in rows.values():
+        assert r["floor_ms"] == max(r["flops"] / roofline.PEAK_FLOPS, r["bytes"] / roofline.PEAK_BYTES_S) * 1e3
+    g = "llama-3-8b gate_proj/up_proj T=8192"
+    dense, lcdd = rows[("training", g, "dense", "forward")], rows[("training", g, "lcdd", "forward")]
+    # same GEMM, and the masked delta reads B besides W: one weight more
+    assert lcdd["flops"] == dense["flops"] == 2 * 8192 * 14336 * 4096
+    assert lcdd["bytes"] - dense["bytes"] == 2 * 14336 * 4096 + 2 * (14336 + 4096)
+    assert rows[("training", g, "lcdd-split", "forward")]["bytes"] > lcdd["bytes"]
+    c = "qwen3-0.6b o_proj T=1 s=0.8 mix=0"
+    assert rows[("carrier", c, "lcdd", "forward")]["bytes"] == rows[("carrier", c, "base", "forward")]["bytes"]
+
+
+def test_compare_reports_fraction_of_floor(tmp_path):
+    row = next(r for r in roofline.table() if r["suite"] == "training")
+    measured = dict(suite="training", group=row["group"], provider=row["provider"], mode=row["mode"],
+                    ms_median=2 * row["floor_ms"])
+    (tmp_path / "r.json").write_text(json.dumps({"rows": [measured]}))
+    (out,) = roofline.compare([str(tmp_path / "r.json"), str(tmp_path / "missing.json")], str(RESULTS))
+    assert abs(out["of_roofline"] - 0.5) < 1e-12
