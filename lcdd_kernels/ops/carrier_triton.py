@@ -83,13 +83,18 @@ def carrier_add_(y: torch.Tensor, x: torch.Tensor, views: torch.Tensor, tok: tor
         return
     dot = {torch.float32: _DOT_IEEE, torch.float64: _DOT_FP64}.get(x.dtype, _DOT_LOWP)
     bm = min(128, max(16, triton.next_power_of_2(n_tok)))
-    bn = 128 if max_rows >= 1024 and dot != _DOT_FP64 else (64 if dot != _DOT_FP64 else 16)
-    bk = 64 if x.element_size() == 2 else (32 if dot != _DOT_FP64 else 16)
+    # Register budget: both operand tiles are gathers, so besides the accumulator every thread
+    # holds a 64-bit address per element of its share of the (BM, BK) x tile and the (BK, BN) Δ
+    # tile. With BK = 64 / BN = 128 (the first tiles) 12 of 16 bf16 configs spilled on sm_90 and
+    # sm_80 (56 B to 7 KB, lcdd check-kernels); 32-deep steps, 64 delta rows and 8 warps from
+    # 64 tokens keep it to ~80 registers' worth. fp32 ("ieee": FMA, no tensor cores) steps by 16.
+    bn = 64 if dot != _DOT_FP64 else 16
+    bk = 32 if x.element_size() == 2 else 16
     if dot == _DOT_FP64:
         bm = min(bm, 32)
     grid = (n_slots, triton.cdiv(n_tok, bm), triton.cdiv(max_rows, bn))
     _carrier_add_kernel[grid](
         x, y, views, tok if tok is not None else seg, seg, x.stride(0), y.stride(0),
         HAS_TOK=tok is not None, DOT=dot, BM=bm, BN=bn, BK=bk,
-        num_warps=8 if bm * bn >= 128 * 128 else 4,
+        num_warps=8 if bm >= 64 and dot != _DOT_FP64 else 4,
     )
