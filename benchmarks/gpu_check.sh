@@ -79,8 +79,18 @@ PYTEST_OPTS=(-q -p no:cacheprovider --maxfail=25 --durations=10)
 KERNEL_TESTS=(tests/test_masked_delta.py tests/test_masked_delta_triton.py tests/test_masked_delta_memory_and_errors.py
               tests/test_carrier.py tests/test_carrier_bank.py tests/test_gather.py tests/test_eraser.py)
 stage tests-kernels 150 env LCDD_TRITON_AUTOTUNE=0 "$PY" -m pytest "${KERNEL_TESTS[@]}" "${PYTEST_OPTS[@]}"
+# The compile stage's tests run there (test_library_ops on CUDA); test_compile.py is CPU-only.
+COMPILE_TESTS=(tests/test_library_ops.py tests/test_compile.py)
 stage tests-rest 60 env LCDD_TRITON_AUTOTUNE=0 "$PY" -m pytest tests "${KERNEL_TESTS[@]/#/--deselect=}" \
+    "${COMPILE_TESTS[@]/#/--deselect=}" "${PYTEST_OPTS[@]}"
+
+# 3b. torch.compile: opcheck of every registered op on CUDA tensors (Triton, CUDA _C and torch
+#     backends), then a bank-served model compiled with mode="reduce-overhead": decode steps
+#     replayed from a CUDA graph with mixed carrier ids, sync debug mode "error" around each
+#     replay, tokens compared with eager (exit 1 on a mismatch or a recompilation).
+stage compile-opcheck 60 env LCDD_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_library_ops.py -k cuda \
     "${PYTEST_OPTS[@]}"
+stage compile-cudagraph 60 "$PY" benchmarks/compile_decode.py --device cuda --dtype bfloat16  # JSON in log.txt
 
 # 4. Benchmarks, bf16 on the GPU (Triton autotuned unless GPU_BENCH_AUTOTUNE=0). Results are
 #    written after every shape, so a timeout keeps what was measured. GPU_BENCH_FULL=1 adds T=2048

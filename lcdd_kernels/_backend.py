@@ -3,12 +3,17 @@
 Order of precedence: an explicit ``backend=`` argument, then :func:`use_backend` /
 :func:`set_backend` in code, then the ``LCDD_BACKEND`` environment variable, then the automatic
 choice by device. Importing this module never touches a GPU, Triton or the compiled extension.
+
+Under ``torch.compile`` the choice is made while Dynamo traces the op's Python wrapper and is
+passed to the registered op (``torch.ops.lcdd.*``) as a string argument, so the compiled graph
+holds no backend logic. Dynamo guards on :func:`use_backend` / :func:`set_backend` (a thread-local
+and a module global): changing them recompiles once. ``LCDD_BACKEND`` is read when a graph is
+traced and is not guarded: set it before the first compiled call (or ``torch._dynamo.reset()``).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import threading
 from typing import Iterator, Sequence
@@ -50,7 +55,10 @@ def use_backend(name: str) -> Iterator[None]:
     try:
         yield
     finally:
-        _state.name = prev
+        if prev is None:  # as it was: compiled code guarded on "no override" matches again
+            del _state.name
+        else:
+            _state.name = prev
 
 
 def requested() -> str | None:
@@ -61,35 +69,50 @@ def requested() -> str | None:
     return name.strip().lower()
 
 
-@functools.lru_cache(maxsize=None)
+_found: dict[str, bool] = {}
+
+
+# What is installed never changes within a process: Dynamo calls these once while tracing and
+# keeps the answer as a constant (no import statement and no cache lookup in the traced code).
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:
-        return False
-    return True
+    if "triton" not in _found:
+        try:
+            import triton  # noqa: F401
+        except Exception:
+            _found["triton"] = False
+        else:
+            _found["triton"] = True
+    return _found["triton"]
 
 
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result
 def native_available() -> bool:
     """True when the compiled extension ``lcdd_kernels._C`` imports."""
-    try:
-        from . import _C  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    if "native" not in _found:
+        try:
+            from . import _C  # noqa: F401
+        except ImportError:
+            _found["native"] = False
+        else:
+            _found["native"] = True
+    return _found["native"]
 
 
+@torch.compiler.assume_constant_result
 def native_has_cuda() -> bool:
-    if not native_available():
-        return False
-    from . import _C
+    if "native_cuda" not in _found:
+        ok = native_available()
+        if ok:
+            from . import _C
 
-    return bool(_C.has_cuda())
+            ok = bool(_C.has_cuda())
+        _found["native_cuda"] = ok
+    return _found["native_cuda"]
 
 
 def _usable(name: str, device: torch.device) -> str | None:

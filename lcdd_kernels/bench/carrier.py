@@ -9,7 +9,10 @@ batch; tokens split into m contiguous blocks, one carrier each; m = 0 is "no car
   own copy (the "model per behaviour" way; for m = 1 simply the merged weight);
 * ``naive``: ``F.linear(x, B)`` then ``index_select`` + ``mm`` + ``index_add_`` per carrier;
 * ``lcdd``: :func:`lcdd_kernels.bank_linear` on a :class:`~lcdd_kernels.CarrierBank` (ids checked
-  once, as a served model does; auto backend: CUDA for T ≤ 16, Triton above on a GPU, C++ on CPU).
+  once, as a served model does; auto backend: CUDA for T ≤ 16, Triton above on a GPU, C++ on CPU);
+* ``lcdd-compiled`` (opt-in with ``--providers``): the same call under ``torch.compile(fullgraph=True)``
+  (x and the ids as graph inputs); its rows add ``compile_s``, the first call's time. Not in the
+  generate group.
 
 Every row carries ``floor_bytes`` (base weight, x, y, and each used carrier's delta and indices:
 what the op must move at least), the achieved bandwidth ``gbps`` = floor_bytes / time, and
@@ -34,7 +37,8 @@ import torch.nn.functional as F
 from . import common
 
 SUITE = "carrier"
-PROVIDERS = ("base", "merged", "naive", "lcdd")
+PROVIDERS = ("base", "merged", "naive", "lcdd", "lcdd-compiled")
+DEFAULT_PROVIDERS = ("base", "merged", "naive", "lcdd")
 BASELINE = "base"
 PREPARE = "lcdd_kernels.bench.carrier:prepare"
 PREFILL_T = (512, 2048, 8192)
@@ -131,6 +135,16 @@ def setup_linear(case: dict, provider: str, device: str, dtype: str, backend: st
     dev_ids = ids.to(device)
     info["backend"] = _select("bank_linear", x, t, backend)
     state = [x, base, dev_ids, *[a for c in carriers for a in c]]
+    if provider == "lcdd-compiled":
+        import time
+
+        fn = torch.compile(lambda xx, ii: bank_linear(xx, base, bank, "proj", ii, check_ids=False, backend=backend),
+                           fullgraph=True)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            fn(x, dev_ids)
+        info["compile_s"] = time.perf_counter() - t0
+        return common.Prepared(lambda: fn(x, dev_ids), [], state, wbytes, info)
     return common.Prepared(lambda: bank_linear(x, base, bank, "proj", dev_ids, check_ids=False, backend=backend),
                            [], state, wbytes, info)
 
@@ -337,7 +351,7 @@ def add_arguments(p) -> None:
     p.add_argument("--T", type=common.csv_of(int), default=None, dest="tokens", help="comma list of token counts")
     p.add_argument("--sparsity", type=common.csv_of(float), default=None, help="per-side sparsities, e.g. 0.7,0.8,0.85")
     p.add_argument("--mixes", type=common.csv_of(int), default=None, help="distinct carriers per batch (0 = none)")
-    p.add_argument("--providers", type=common.csv_of(str), default=PROVIDERS, help=",".join(PROVIDERS))
+    p.add_argument("--providers", type=common.csv_of(str), default=DEFAULT_PROVIDERS, help=",".join(PROVIDERS))
     p.add_argument("--lcdd-backend", default=None, help="force the lcdd provider's backend (default: auto)")
     p.add_argument("--no-generate", action="store_true", help="skip the generate tokens/s group")
 
@@ -366,7 +380,8 @@ def run(args) -> int:
     if not args.no_generate:
         gen = [{"group": f"generate/{gen_model} B={GEN_BATCH} new={GEN_NEW}", "op": "generate", "model": gen_model,
                 "s": 0.8}]
-        rows += common.add_ratios(common.run_matrix(SUITE, PREPARE, gen, args.providers, ("forward",), device, dtype,
+        gen_providers = [p for p in args.providers if not p.endswith("-compiled")]
+        rows += common.add_ratios(common.run_matrix(SUITE, PREPARE, gen, gen_providers, ("forward",), device, dtype,
                                                     BASELINE, options=options, budget_s=wall_budget, memory=False),
                                   BASELINE)
         todo = todo + gen

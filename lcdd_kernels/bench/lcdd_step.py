@@ -8,7 +8,16 @@ Qwen3-0.6B shape (CPU: 4 decoder layers; GPU: all 28), batch 4×256 tokens by de
 * ``parametrize``: the authors' approach: ``torch.nn.utils.parametrize`` on every projection with the
   masked-delta parametrization of the op-level suite (dense ``W_eff`` in fp32 on every forward),
   the L0 penalty in the loss, AdamW on W and SGD on θ;
-* ``lcdd``: :func:`lcdd_kernels.apply_lcdd`; the penalty's gradient is added after backward.
+* ``lcdd``: :func:`lcdd_kernels.apply_lcdd`; the penalty's gradient is added after backward;
+* ``plain-sft-compiled``, ``lcdd-compiled``: the same steps with the model's forward (and backward)
+  through ``torch.compile(fullgraph=True)`` (``--compile-backend``, default inductor); their rows
+  add ``compile_s``, the first (compiling) step's time.
+
+Every row also reports ``proj_flop_share``: the projections' share of the step's matmul FLOPs
+(projections, attention scores and values, lm_head; forward and backward alike, so the share is
+the forward's). With the full 151,936-token lm_head and a few layers it is small (the step is
+mostly the lm_head, which every provider pays alike); ``--vocab`` (e.g. 4096) or ``--layers 28``
+with a small batch give a case where the projections dominate.
 
 All providers are built side by side and timed in interleaved rounds (one step of each per round),
 so that a shared machine's drifting load slows them alike. Reported per provider: step time
@@ -30,7 +39,8 @@ from . import common
 from .training import MaskedDeltaParametrization
 
 SUITE = "lcdd-step"
-PROVIDERS = ("plain-sft", "parametrize", "lcdd")
+PROVIDERS = ("plain-sft", "parametrize", "lcdd", "plain-sft-compiled", "lcdd-compiled")
+DEFAULT_PROVIDERS = ("plain-sft", "parametrize", "lcdd")
 BASELINE = "plain-sft"
 #: Qwen3-0.6B's config.json (the fields that shape a training step).
 QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
@@ -40,11 +50,11 @@ QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072, nu
 LAYERS = {"cpu": 4, "cuda": 28}
 
 
-def build_model(layers: int, device: str, dtype: torch.dtype, seed: int = 0):
-    """The Qwen3-0.6B shape with ``layers`` decoder layers and random weights."""
+def build_model(layers: int, device: str, dtype: torch.dtype, seed: int = 0, vocab: int | None = None):
+    """The Qwen3-0.6B shape with ``layers`` decoder layers (and ``vocab`` tokens) and random weights."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    cfg = Qwen3Config(**{**QWEN3_06B, "num_hidden_layers": layers})
+    cfg = Qwen3Config(**{**QWEN3_06B, "num_hidden_layers": layers, "vocab_size": vocab or QWEN3_06B["vocab_size"]})
     cfg.use_cache = False
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -109,7 +119,18 @@ def _parametrize(model, base_state) -> list[nn.Parameter]:
     return masks
 
 
-def prepare(case: dict, provider: str, device: str, dtype: str) -> common.Prepared:
+def proj_flop_share(cfg, seq: int) -> float:
+    """The projections' share of a step's matmul FLOPs (per token: 2·N·K per projection, causal
+    attention 2·seq·heads·head_dim for scores and for values, half of it masked, 2·V·d lm_head)."""
+    d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    proj = 2 * (d * q + 2 * d * kv + q * d + 3 * d * f) * cfg.num_hidden_layers
+    attn = 2 * seq * q * cfg.num_hidden_layers  # scores + values, causal (half of 2 · 2 · seq · q)
+    head = 2 * cfg.vocab_size * d
+    return proj / (proj + attn + head)
+
+
+def prepare(case: dict, provider: str, device: str, dtype: str, compile_backend: str = "inductor") -> common.Prepared:
     """Model, optimizers and one warm-up step (so optimizer state exists); ``forward`` runs one
     whole training step and returns the loss."""
     from ..dual import DualController
@@ -117,7 +138,9 @@ def prepare(case: dict, provider: str, device: str, dtype: str) -> common.Prepar
     from ..models.patch import apply_lcdd
 
     dt = getattr(torch, dtype)
-    model = build_model(case["layers"], device, dt)
+    model = build_model(case["layers"], device, dt, vocab=case.get("vocab"))
+    compiled = provider.endswith("-compiled")
+    provider = provider.removesuffix("-compiled")
     model.train()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -138,8 +161,10 @@ def prepare(case: dict, provider: str, device: str, dtype: str) -> common.Prepar
     g = torch.Generator(device=device).manual_seed(2)
     ids = torch.randint(0, model.config.vocab_size, (case["batch"], case["seq"]), generator=g, device=device)
 
+    fwd = torch.compile(model, backend=compile_backend, fullgraph=True) if compiled else model
+
     def step() -> torch.Tensor:
-        loss = model(input_ids=ids, labels=ids).loss
+        loss = fwd(input_ids=ids, labels=ids).loss
         ctl.observe(loss)
         if provider == "parametrize":  # the authors put the penalty into the loss
             loss = loss + ctl.lam * torch.stack([torch.sigmoid(t).sum() for t in masks]).sum()
@@ -152,11 +177,15 @@ def prepare(case: dict, provider: str, device: str, dtype: str) -> common.Prepar
         ctl.step(1)
         return loss.detach()
 
-    step()  # warm-up: allocates the optimizer state, which then counts as held state
+    t0 = time.perf_counter()
+    step()  # warm-up (compiles, for a compiled provider): allocates the optimizer state, then held state
+    first_s = time.perf_counter() - t0
     state = [t for t in model.parameters()] + [t for t in model.buffers()]
     state += [v for o in opts for s in o.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
-    return common.Prepared(forward=step, params=weights + masks, state=state, weight_bytes=weight_bytes,
-                           info={"tokens": case["batch"] * case["seq"]})
+    info = {"tokens": case["batch"] * case["seq"], "proj_flop_share": proj_flop_share(model.config, case["seq"]),
+            "first_step_s": first_s, "compile_s": first_s if compiled else None,
+            "compile_backend": compile_backend if compiled else None}
+    return common.Prepared(forward=step, params=weights + masks, state=state, weight_bytes=weight_bytes, info=info)
 
 
 def _time_interleaved(preps: dict[str, common.Prepared], device: str, budget_s: float, min_reps: int = 3,
@@ -183,12 +212,13 @@ def _time_interleaved(preps: dict[str, common.Prepared], device: str, budget_s: 
     return out
 
 
-def measure(case: dict, providers, device: str, dtype: str, budget_s: float, memory: bool) -> dict[str, dict]:
+def measure(case: dict, providers, device: str, dtype: str, budget_s: float, memory: bool,
+            compile_backend: str = "inductor") -> dict[str, dict]:
     """Every provider prepared side by side, timed in interleaved rounds, then each one's peak memory."""
     preps, out = {}, {}
     for p in providers:
         try:
-            preps[p] = prepare(case, p, device, dtype)
+            preps[p] = prepare(case, p, device, dtype, compile_backend)
         except Exception as e:  # one failing provider must not lose the others
             out[p] = {"error": f"{type(e).__name__}: {e}"[:500]}
     for p, prep in preps.items():
@@ -223,7 +253,10 @@ TARGETS = [
                   "(value: excess over plain + W, as a share of plain's peak)", _applies, _mem_excess, 0.05),
 ]
 
-COLUMNS = common.COLUMNS[:5] + [("tokens/s", lambda r: common._f(r.get("tokens_per_s"), "{:.0f}"))] + common.COLUMNS[5:]
+COLUMNS = (common.COLUMNS[:5] + [("tokens/s", lambda r: common._f(r.get("tokens_per_s"), "{:.0f}")),
+                                  ("proj FLOPs", lambda r: common._f(r.get("proj_flop_share"), "{:.0%}")),
+                                  ("compile s", lambda r: common._f(r.get("compile_s"), "{:.1f}"))]
+           + common.COLUMNS[5:])
 
 
 def add_arguments(p) -> None:
@@ -231,7 +264,10 @@ def add_arguments(p) -> None:
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 4 on CPU, 28 on CUDA)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--providers", default=",".join(PROVIDERS), help=",".join(PROVIDERS))
+    p.add_argument("--vocab", type=int, default=None,
+                   help="vocabulary size (default Qwen3-0.6B's 151936; small: the projections dominate the step)")
+    p.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS), help=",".join(PROVIDERS))
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the *-compiled providers")
 
 
 def run(args) -> int:
@@ -245,11 +281,12 @@ def run(args) -> int:
     layers = args.layers or LAYERS[torch.device(device).type]
     if args.quick:
         layers = min(layers, 2)
-    case = {"group": f"qwen3-0.6b-shape x{layers} layers, {args.batch}x{args.seq} tokens", "model": "qwen3-0.6b",
-            "layers": layers, "batch": args.batch, "seq": args.seq}
+    vocab = f", vocab {args.vocab}" if args.vocab else ""
+    case = {"group": f"qwen3-0.6b-shape x{layers} layers, {args.batch}x{args.seq} tokens{vocab}", "model": "qwen3-0.6b",
+            "layers": layers, "batch": args.batch, "seq": args.seq, "vocab": args.vocab}
     print(f"lcdd bench {SUITE}: {case['group']} on {common.device_name(device)}, {dtype_name}")
     st = common.stamp(device, dtype)
-    measured = measure(case, providers, device, dtype_name, args.budget, not args.no_memory)
+    measured = measure(case, providers, device, dtype_name, args.budget, not args.no_memory, args.compile_backend)
     rows = [common.make_row(SUITE, st, case, p, "step", **measured[p]) for p in providers]
     common.add_ratios(rows, BASELINE)
     return common.report(rows, TARGETS, results, args.plot, COLUMNS)

@@ -1,7 +1,10 @@
 """``apply_carrier``: a base model computes the LCDD model by adding the carrier (SPEC §4).
 
-Plain PyTorch path: ``y = x·Bᵀ + b``, then ``y[..., rows] += x[..., cols]·Δᵀ``. The fast inference
-kernels and many-carrier banks build on the same module swap (:class:`~lcdd_kernels.models.swap.ModuleSwaps`).
+``y = x·Bᵀ + b``, then ``y[..., rows] += x[..., cols]·Δᵀ`` through the registered op
+``torch.ops.lcdd.bank_linear`` on a one-slot table built once per device and dtype (the C++ /
+CUDA / Triton kernels by backend choice; nothing checked or built per call, no host sync), or the
+plain PyTorch reference when the weights want gradients. Many-carrier banks build on the same
+module swap (:class:`~lcdd_kernels.models.swap.ModuleSwaps`).
 A carrier's dense parts (norm weights, biases, ...: the LCDD model's values) are copied into the
 model's parameters in place; the base values they replace are kept (their size) and put back,
 bit for bit, by ``enable(False)`` and ``remove()``.
@@ -9,12 +12,15 @@ bit for bit, by ``enable(False)`` and ``remove()``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..models.families import plain_linear_paths
-from ..ops.carrier import carrier_linear_ref
+from ..ops.carrier import CarrierTable, _select, carrier_linear, carrier_linear_ref, table_linear
+from ..ops.masked_delta import _autocast
 from ..models.swap import ModuleSwaps
 from .format import Carrier, CarrierModule
 from .loading import check_compatible, dense_targets
@@ -35,6 +41,21 @@ class CarrierLinear(nn.Module):
         self.register_buffer("cols", module.cols.to(dev, torch.long), persistent=False)
         self.register_buffer("delta", module.delta.to(dev, linear.weight.dtype), persistent=False)
         self.enabled = True
+        self._table: CarrierTable | None = None
+        self._table_for = None
+        self._prepare_table(dev, linear.weight.dtype)
+
+    def _prepare_table(self, device, dtype) -> CarrierTable:
+        """The one-slot kernel table for activations on ``device`` in ``dtype`` (rows and cols were
+        checked when the carrier was loaded)."""
+        n = self.out_features
+        entry = CarrierTable.entry(self.delta.to(device, dtype), self.rows.to(device), self.cols.to(device), n,
+                                   slots=torch.device(device).type == "cuda")
+        self._table = CarrierTable(n, self.in_features, [entry], torch.device(device))
+        if self._table.views.device.type == "cuda":
+            self._table.mark_static()
+        self._table_for = (torch.device(device), dtype)
+        return self._table
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -43,7 +64,20 @@ class CarrierLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or self.delta.numel() == 0:
             return F.linear(x, self.weight, self.bias)
-        return carrier_linear_ref(x, self.weight, self.delta.to(x.dtype), self.rows, self.cols, self.bias)
+        weight, bias = self.weight, self.bias
+        if torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+            # the kernels differentiate x only; the reference gives the weights their gradients
+            return carrier_linear_ref(x, weight, self.delta.to(x.dtype), self.rows, self.cols, bias)
+        x, weight, bias = _autocast(x, weight, bias)
+        name = _select("carrier_linear", x, math.prod(x.shape[:-1]), None)
+        if name == "reference":
+            return carrier_linear_ref(x, weight, self.delta.to(x.dtype), self.rows, self.cols, bias)
+        table = self._table
+        if self._table_for != (x.device, x.dtype):
+            if torch.compiler.is_compiling():  # building a table is eager work: the per-call op instead
+                return carrier_linear(x, weight, self.delta.to(x.dtype), self.rows, self.cols, bias, backend=name)
+            table = self._prepare_table(x.device, x.dtype)
+        return table_linear(x, weight, bias, table, None, name, op="carrier_linear")
 
 
 class CarrierHandle:

@@ -20,6 +20,7 @@ base entries it overwrote (|rows|×|cols| per projection, the carrier's size), s
 from __future__ import annotations
 
 import contextlib
+import math
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -62,7 +63,7 @@ class _Slot:
 class _Active:
     """The per-sequence carrier ids of one ``bank.carriers(...)`` context."""
 
-    seq_ids: torch.Tensor  # (S,) int32 on CPU, or a 0-d tensor for "every sequence"
+    seq_ids: torch.Tensor  # (S,) int32 on the bank's device, or a 0-d tensor for "every sequence"
     any_carrier: bool
     token_ids: dict  # (batch, tokens per sequence, device) -> (T,) int32
 
@@ -197,6 +198,12 @@ class CarrierBank:
         self._route_cache = None
         if self._active is not None:
             self._active.token_ids.clear()
+        if self.shapes is not None:
+            # A model-bound bank builds every projection's table now, eagerly: a compiled forward
+            # only reads them (building one while Dynamo traces would break the graph). The tables'
+            # sizes (slots, largest |rows|) are in the graph, so a change recompiles it once.
+            for path, shape in self.shapes.items():
+                self.table(path, self.device, self.dtype, shape)
 
     # ----- what the ops read -----------------------------------------------------------------
 
@@ -232,6 +239,8 @@ class CarrierBank:
                     entries[i] = s.modules[module_name] = replace(entries[i], row_slots=row_slots(entries[i].rows,
                                                                                                   shape[0]))
             table = CarrierTable(shape[0], shape[1], entries, self.device)
+            if self.device.type == "cuda":
+                table.mark_static()
             self._tables[key] = table
         return table
 
@@ -271,7 +280,9 @@ class CarrierBank:
         """
         seq = self._resolve(ids)
         prev = self._active
-        self._active = _Active(seq, bool((seq >= 0).any()), {})
+        # on the bank's device once, here: a forward reads it (a compiled one as a graph input,
+        # so other ids need no recompilation) and copies nothing from the host
+        self._active = _Active(seq.to(self.device), bool((seq >= 0).any()), {})
         try:
             yield self
         finally:
@@ -299,25 +310,33 @@ class CarrierBank:
         return torch.tensor([one(v) for v in ids], dtype=torch.int32)
 
     def token_ids(self, x: torch.Tensor) -> torch.Tensor | None:
-        """(T,) int32 carrier id per token of x (batch, ..., K), or None when no carrier applies."""
+        """(T,) int32 carrier id per token of x (batch, ..., K), or None when no carrier applies.
+
+        Traceable without a graph break or a host sync: shapes and Python state only. Eagerly a
+        context whose ids are all −1 runs the base projections, and the ids are cached per
+        shape; a compiled forward always runs the bank op (the −1 tokens add nothing), so that
+        switching ids between carriers and none does not recompile."""
         a = self._active
-        if a is None or not a.any_carrier:
+        if a is None:
+            return None
+        compiling = torch.compiler.is_compiling()
+        if not compiling and not a.any_carrier:
             return None
         batch = x.shape[0] if x.dim() > 1 else 1
-        per_seq = x.numel() // (x.shape[-1] * batch) if x.shape[-1] else 0
+        per_seq = math.prod(x.shape[1:-1]) if x.dim() > 1 else 1
         key = (batch, per_seq, x.device)
-        ids = a.token_ids.get(key)
+        ids = None if compiling else a.token_ids.get(key)
         if ids is None:
             s = a.seq_ids
             if s.dim() == 0:
-                seq = s.expand(batch)
+                ids = s.expand(batch * per_seq)
             elif batch % s.numel() == 0:
-                seq = s.repeat_interleave(batch // s.numel())
+                ids = s[:, None].expand(s.numel(), batch // s.numel() * per_seq).reshape(-1)
             else:
                 raise ValueError(f"bank.carriers got {s.numel()} carrier ids but the model runs a batch of "
                                  f"{batch} sequences; give one id per sequence")
-            ids = seq.repeat_interleave(per_seq).to(x.device)
-            a.token_ids[key] = ids
+            if not compiling:
+                a.token_ids[key] = ids
         return ids
 
     # ----- model patching ------------------------------------------------------------------------

@@ -103,6 +103,10 @@ def add_train_args(p, epochs: float, lr: float) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=None, metavar="STEPS", help="checkpoint every N steps")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (fullgraph, dynamic shapes; the first steps include compile time)")
+    p.add_argument("--compile-backend", default="inductor", metavar="NAME",
+                   help="torch.compile backend with --compile (default inductor; aot_eager compiles in seconds)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -112,4 +116,5 @@ def train_config(args, **extra):
     return TrainConfig(lr=args.lr, epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch_size,
                        grad_accum=args.grad_accum, max_length=args.max_length, seed=args.seed,
                        save_every=args.save_every, gradient_checkpointing=args.gradient_checkpointing,
+                       compile=args.compile, compile_backend=args.compile_backend,
                        progress=not args.no_progress, **extra)

@@ -105,6 +105,18 @@ class CarrierTable:
                  e.rows.numel(), e.cols.numel()] for e in entries]
         self.views = torch.tensor(rows, dtype=torch.int64).reshape(len(entries), 6).to(device)
         self.max_rows = max((e.rows.numel() for e in entries if e is not None and e.cols.numel()), default=0)
+        # The same tensors as op inputs (the torch backend and the backward read them; an empty
+        # slot is an empty (0, 0) delta), in slot order.
+        empty_i = torch.empty(0, dtype=torch.int32, device=device)
+        self.deltas = [torch.empty(0, 0, device=device) if e is None else e.delta for e in entries]
+        self.rows = [empty_i if e is None else e.rows for e in entries]
+        self.cols = [empty_i if e is None else e.cols for e in entries]
+
+    def mark_static(self) -> None:
+        """Tell torch.compile that these tensors keep their addresses (a CUDA graph then reads
+        them in place instead of copying them in before every replay)."""
+        for t in (self.views, *self.deltas, *self.rows, *self.cols):
+            torch._dynamo.mark_static_address(t)
 
     @staticmethod
     def entry(delta, rows, cols, out_features: int, slots: bool) -> _Entry:
@@ -118,7 +130,8 @@ class CarrierTable:
 
 # ---------------------------------------------------------------------------------------------
 # Backends. x2: (T, K) with unit column stride; ids: (T,) int32 on x's device, or None for
-# "slot 0 on every token"; routing: cached (tok, seg) for the Triton kernel.
+# "slot 0 on every token". Nothing here synchronises with the host on a GPU (no .item(),
+# .tolist(), nonzero or bincount), so that a decode step can be captured in a CUDA graph.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -132,14 +145,17 @@ def _base(x2, base_weight, bias):
 def route(ids: torch.Tensor | None, n_slots: int, n_tokens: int, device) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Token order grouped by slot and the (slots + 1,) offsets, with no host sync: slot c's
     tokens are ``tok[seg[c]:seg[c + 1]]`` (tokens with id −1 sort first and are skipped; so do
-    ids outside [−1, n_slots), which only unchecked ids can hold: see :func:`bank_linear`)."""
+    ids outside [−1, n_slots), which only unchecked ids can hold: see :func:`bank_linear`).
+    ``seg[c]`` = number of tokens whose key (id + 1) is at most c, by a search in the sorted keys
+    (a bincount would size its output from the largest key: a host sync on CUDA)."""
     if ids is None:
         return None, torch.tensor([0, n_tokens], dtype=torch.int32, device=device)
     key = ids.long() + 1
     key = key.masked_fill((key < 0) | (key > n_slots), 0)
-    tok = torch.argsort(key, stable=True).to(torch.int32)
-    seg = torch.cumsum(torch.bincount(key, minlength=n_slots + 1), 0).to(torch.int32)
-    return tok, seg
+    tok = torch.argsort(key, stable=True)
+    bounds = torch.arange(n_slots + 1, dtype=key.dtype, device=device)
+    seg = torch.searchsorted(key[tok].contiguous(), bounds, right=True).to(torch.int32)
+    return tok.to(torch.int32), seg
 
 
 def ids_or_base(ids: torch.Tensor, n_slots: int) -> torch.Tensor:
@@ -148,70 +164,169 @@ def ids_or_base(ids: torch.Tensor, n_slots: int) -> torch.Tensor:
     return ids.masked_fill((ids < -1) | (ids >= n_slots), -1)
 
 
-def _slot_tokens(ids, entries, n_tokens, device):
-    """(entry, its tokens) for every non-empty carrier that has tokens. Without ids slot 0
-    takes every token; with ids, one ``route`` and one host copy of its offsets for all slots
-    (instead of a ``nonzero`` sync per slot)."""
+def _torch_add_(y2, x2, deltas, rows, cols, ids):
+    """``y[t, rows_c] += x[t, cols_c]·Δ_cᵀ`` for every slot c and its tokens. On the CPU the tokens
+    are grouped by slot (one host read of the offsets, free there); on a GPU each slot's rows are
+    computed for every token and kept where the id matches (no host sync, more work)."""
     if ids is None:
-        e = entries[0] if entries else None
-        return [] if e is None or e.delta.numel() == 0 else [(e, torch.arange(n_tokens, device=device))]
-    tok, seg = route(ids, len(entries), n_tokens, device)
-    bounds = seg.tolist()
-    return [(e, tok[bounds[c]:bounds[c + 1]].long()) for c, e in enumerate(entries)
-            if e is not None and e.delta.numel() and bounds[c + 1] > bounds[c]]
+        if deltas and deltas[0].numel():
+            y2.index_add_(1, rows[0], torch.mm(x2.index_select(1, cols[0]), deltas[0].t()))
+        return
+    if x2.device.type == "cpu":
+        tok, seg = route(ids, len(deltas), x2.shape[0], x2.device)
+        bounds = seg.tolist()
+        for c, delta in enumerate(deltas):
+            if delta.numel() == 0 or bounds[c + 1] == bounds[c]:
+                continue
+            t = tok[bounds[c]:bounds[c + 1]].long()
+            part = torch.mm(x2.index_select(0, t).index_select(1, cols[c]), delta.t())
+            y2.index_put_((t[:, None], rows[c].long()[None, :]), part, accumulate=True)
+        return
+    for c, delta in enumerate(deltas):
+        if delta.numel() == 0:
+            continue
+        part = torch.mm(x2.index_select(1, cols[c]), delta.t())
+        y2.index_add_(1, rows[c], torch.where((ids == c)[:, None], part, 0))
 
 
-def _torch_add_(y2, x2, table, ids):
-    for e, t in _slot_tokens(ids, table.entries, x2.shape[0], x2.device):
-        if ids is None:
-            y2.index_add_(1, e.rows, torch.mm(x2.index_select(1, e.cols), e.delta.t()))
-        else:
-            part = torch.mm(x2.index_select(0, t).index_select(1, e.cols), e.delta.t())
-            y2.index_put_((t[:, None], e.rows.long()[None, :]), part, accumulate=True)
-
-
-def _forward(name, x2, base_weight, bias, table, ids, routing):
-    n_tok, n_out, n_in = x2.shape[0], base_weight.shape[0], base_weight.shape[1]
-    dt = _native.DTYPE[x2.dtype]
+def _table_forward(x, base_weight, bias, ids, views, deltas, rows, cols, max_rows, backend):
+    n, k = base_weight.shape
+    x2 = _flat(x, k)
+    # The kernels read rows of unit column stride, K apart at least (the C API's x_stride ≥ K).
+    # An expanded x (row stride 0) is "contiguous" to torch when it has one row, so this copies
+    # with clone, which always lays rows out K apart.
+    if x2.stride(-1) != 1 or x2.stride(0) < k:
+        x2 = x2.clone(memory_format=torch.contiguous_format)
+    n_tok, n_slots = x2.shape[0], views.shape[0]
+    if backend in ("cuda", "cpp"):
+        base_weight = base_weight.contiguous()
+        bias = bias.contiguous() if bias is not None else None
     ids_ptr = _native.ptr(ids)
-    if name == "cuda":
-        y2 = x2.new_empty(n_tok, n_out)
+    if backend == "cuda":
+        y2 = x2.new_empty(n_tok, n)
         _native.lib().carrier_linear_cuda(
             _native.ptr(x2), x2.stride(0), _native.ptr(base_weight), _native.ptr(bias), _native.ptr(y2),
-            n_tok, n_out, n_in, dt, _native.ptr(table.views), len(table), ids_ptr, _native.stream(x2.device))
-        return y2
-    y2 = _base(x2, base_weight, bias)
-    if name == "cpp":
-        _native.lib().carrier_add_cpu(_native.ptr(x2), x2.stride(0), _native.ptr(y2), n_tok, n_out, n_in, dt,
-                                      _native.ptr(table.views), len(table), ids_ptr)
-    elif name == "triton":
-        from . import carrier_triton
-
-        tok, seg = routing if routing is not None else route(ids, len(table), n_tok, x2.device)
-        carrier_triton.carrier_add_(y2, x2, table.views, tok, seg, table.max_rows)
+            n_tok, n, k, _native.DTYPE[x2.dtype], _native.ptr(views), n_slots, ids_ptr, _native.stream(x2.device))
     else:
-        _torch_add_(y2, x2, table, ids)
-    return y2
+        y2 = _base(x2, base_weight, bias)
+        if backend == "cpp":
+            _native.lib().carrier_add_cpu(_native.ptr(x2), x2.stride(0), _native.ptr(y2), n_tok, n, k,
+                                          _native.DTYPE[x2.dtype], _native.ptr(views), n_slots, ids_ptr)
+        elif backend == "triton":
+            from . import carrier_triton
+
+            # without ids only slot 0 applies (seg then has two entries: one slot's offsets)
+            tok, seg = route(ids, n_slots, n_tok, x2.device)
+            carrier_triton.carrier_add_(y2, x2, views if ids is not None else views[:1], tok, seg, max_rows)
+        else:
+            _torch_add_(y2, x2, deltas, rows, cols, ids)
+    return y2.view(*x.shape[:-1], n)
 
 
-class _CarrierFunction(torch.autograd.Function):
-    """Any backend's forward; backward to x only: dx = dy·B + Σ_c scatter(dy[t, rows_c]·Δ_c, cols_c)."""
+def _table_dx(gy, x_shape, base_weight, ids, deltas, rows, cols):
+    """dx = dy·B + Σ_c scatter(dy[t, rows_c]·Δ_c, cols_c) over the tokens t of slot c; each slot's
+    rows for every token, kept where the id matches (plain PyTorch ops: a compiled backward
+    traces them; no host sync)."""
+    n, k = base_weight.shape
+    g2 = _flat(gy, n).to(base_weight.dtype)
+    dx = torch.mm(g2, base_weight)
+    for c, delta in enumerate(deltas):
+        if delta.numel() == 0 or (ids is None and c > 0):
+            continue
+        part = torch.mm(g2.index_select(1, rows[c]), delta)
+        if ids is not None:
+            part = torch.where((ids == c)[:, None], part, 0)
+        dx.index_add_(1, cols[c], part)
+    return dx.view(x_shape)
 
-    @staticmethod
-    def forward(ctx, x2, base_weight, bias, table, ids, routing, name):
-        ctx.table, ctx.ids = table, ids
-        ctx.save_for_backward(base_weight)
-        return _forward(name, x2, base_weight, bias, table, ids, routing)
 
-    @staticmethod
-    def backward(ctx, gy):
-        (base_weight,) = ctx.saved_tensors
-        gy = gy.to(base_weight.dtype)
-        dx = torch.mm(gy, base_weight)
-        for e, t in _slot_tokens(ctx.ids, ctx.table.entries, gy.shape[0], gy.device):
-            part = torch.mm(gy.index_select(0, t).index_select(1, e.rows), e.delta)
-            dx.index_put_((t[:, None], e.cols.long()[None, :]), part, accumulate=True)
-        return dx, None, None, None, None, None, None
+# ---------------------------------------------------------------------------------------------
+# Registered ops: torch.ops.lcdd.bank_linear (any table of carriers, an id per token or slot 0
+# everywhere) and torch.ops.lcdd.carrier_linear (one carrier). Both differentiable in x only.
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("lcdd::bank_linear", mutates_args=(), device_types="cpu")
+def _op_bank_cpu(x: torch.Tensor, base_weight: torch.Tensor, bias: torch.Tensor | None,
+                 carrier_ids: torch.Tensor | None, views: torch.Tensor, deltas: list[torch.Tensor],
+                 rows: list[torch.Tensor], cols: list[torch.Tensor], max_rows: int, backend: str) -> torch.Tensor:
+    """The carriers of one projection as a :class:`CarrierTable` (``views`` with its ``deltas``,
+    ``rows``, ``cols`` and ``max_rows``); ``carrier_ids`` (T,) int32 per token (−1: none), or
+    None for slot 0 on every token. CPU: the C++ carrier add after PyTorch's GEMM, or torch."""
+    return _table_forward(x, base_weight, bias, carrier_ids, views, deltas, rows, cols, max_rows, backend)
+
+
+@_op_bank_cpu.register_kernel("cuda")
+def _op_bank_cuda(x, base_weight, bias, carrier_ids, views, deltas, rows, cols, max_rows, backend):
+    """CUDA: the fused GEMV of ``_C`` (decode), cuBLAS + the Triton carrier add, or torch."""
+    return _table_forward(x, base_weight, bias, carrier_ids, views, deltas, rows, cols, max_rows, backend)
+
+
+@_op_bank_cpu.register_fake
+def _(x, base_weight, bias, carrier_ids, views, deltas, rows, cols, max_rows, backend):
+    return x.new_empty(*x.shape[:-1], base_weight.shape[0])
+
+
+def _bank_setup(ctx, inputs, output):
+    x, base_weight, bias, ids, views, deltas, rows, cols, max_rows, backend = inputs
+    ctx.n_slots, ctx.has_ids = len(deltas), ids is not None
+    ctx.save_for_backward(base_weight, *deltas, *rows, *cols, *([ids] if ids is not None else []))
+
+
+def _bank_grad(ctx, gy):
+    saved, s = ctx.saved_tensors, ctx.n_slots
+    base_weight, deltas, rows, cols = saved[0], saved[1:1 + s], saved[1 + s:1 + 2 * s], saved[1 + 2 * s:1 + 3 * s]
+    ids = saved[-1] if ctx.has_ids else None
+    x_shape = (*gy.shape[:-1], base_weight.shape[1])
+    dx = _table_dx(gy, x_shape, base_weight, ids, deltas, rows, cols) if ctx.needs_input_grad[0] else None
+    return dx, None, None, None, None, [None] * s, [None] * s, [None] * s, None, None
+
+
+_op_bank_cpu.register_autograd(_bank_grad, setup_context=_bank_setup)
+
+
+def _one_slot(x, base_weight, delta, rows, cols, backend):
+    n, k = base_weight.shape
+    return CarrierTable(n, k, [CarrierTable.entry(delta, rows, cols, n, slots=backend == "cuda")], x.device)
+
+
+def _carrier_forward(x, base_weight, delta, rows, cols, bias, backend):
+    t = _one_slot(x, base_weight, delta, rows, cols, backend)
+    return _table_forward(x, base_weight, bias, None, t.views, t.deltas, t.rows, t.cols, t.max_rows, backend)
+
+
+@torch.library.custom_op("lcdd::carrier_linear", mutates_args=(), device_types="cpu")
+def _op_carrier_cpu(x: torch.Tensor, base_weight: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor,
+                    cols: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """One carrier on every token; builds its one-slot table per call (a host-to-device copy on a
+    GPU: modules and banks build theirs once and call ``bank_linear``)."""
+    return _carrier_forward(x, base_weight, delta, rows, cols, bias, backend)
+
+
+@_op_carrier_cpu.register_kernel("cuda")
+def _op_carrier_cuda(x, base_weight, delta, rows, cols, bias, backend):
+    return _carrier_forward(x, base_weight, delta, rows, cols, bias, backend)
+
+
+@_op_carrier_cpu.register_fake
+def _(x, base_weight, delta, rows, cols, bias, backend):
+    return x.new_empty(*x.shape[:-1], base_weight.shape[0])
+
+
+def _carrier_setup(ctx, inputs, output):
+    x, base_weight, delta, rows, cols, bias, backend = inputs
+    ctx.save_for_backward(base_weight, delta, rows, cols)
+
+
+def _carrier_grad(ctx, gy):
+    base_weight, delta, rows, cols = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 7
+    x_shape = (*gy.shape[:-1], base_weight.shape[1])
+    return _table_dx(gy, x_shape, base_weight, None, [delta], [rows], [cols]), None, None, None, None, None, None
+
+
+_op_carrier_cpu.register_autograd(_carrier_grad, setup_context=_carrier_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,8 +381,11 @@ _SELECTED: dict = {}
 
 
 def _select(op, x, n_tok, backend):
-    """The backend for one call; memoised on everything the choice depends on (the per-call
-    cost matters at decode sizes, where a GPU kernel takes a few microseconds)."""
+    """The backend for one call; memoised eagerly on everything the choice depends on (the
+    per-call cost matters at decode sizes, where a GPU kernel takes a few microseconds). Under
+    torch.compile the choice is made once per trace (a memo dict would put guards on itself)."""
+    if torch.compiler.is_compiling():
+        return _select_uncached(op, x, n_tok, backend)
     key = (op, x.device, n_tok <= DECODE_TOKENS, x.dtype == torch.float64, backend, _backend.requested(),
            _backend.native_available(), _backend.triton_interpret())
     name = _SELECTED.get(key)
@@ -287,25 +405,19 @@ def _select_uncached(op, x, n_tok, backend):
     return name
 
 
-def _run(op, name, x, base_weight, bias, table, ids, routing, deltas):
-    n, k = base_weight.shape
-    x2 = _flat(x, k)
+def _prepare(op, name, base_weight, bias, deltas):
+    """Checks every non-reference call needs (cheap metadata only: also run while tracing)."""
     _no_weight_grads(op, base_weight, bias, deltas)
-    if name in ("cuda", "cpp", "triton"):
-        if not base_weight.is_contiguous() and name != "triton":
-            raise ValueError(f"{op}: base_weight must be contiguous for the {name!r} backend (it reads raw "
-                             f"rows); pass base_weight.contiguous() or use backend='torch'")
-        # The kernels read rows of unit column stride, K apart at least (the C API's x_stride ≥ K).
-        # An expanded x (row stride 0) is "contiguous" to torch when it has one row, so this
-        # copies with clone, which always lays rows out K apart.
-        if x2.stride(-1) != 1 or x2.stride(0) < k:
-            x2 = x2.clone(memory_format=torch.contiguous_format)
-        bias = bias.contiguous() if bias is not None else None
-    if torch.is_grad_enabled() and x.requires_grad:
-        y2 = _CarrierFunction.apply(x2, base_weight, bias, table, ids, routing, name)
-    else:
-        y2 = _forward(name, x2, base_weight, bias, table, ids, routing)
-    return y2.view(*x.shape[:-1], n)
+    if name in ("cuda", "cpp") and not base_weight.is_contiguous():
+        raise ValueError(f"{op}: base_weight must be contiguous for the {name!r} backend (it reads raw "
+                         f"rows); pass base_weight.contiguous() or use backend='torch'")
+
+
+def table_linear(x, base_weight, bias, table, ids, name, op="bank_linear"):
+    """``torch.ops.lcdd.bank_linear`` on a prepared :class:`CarrierTable` (checked already)."""
+    _prepare(op, name, base_weight, bias, (d for d in table.deltas))
+    return torch.ops.lcdd.bank_linear(x, base_weight, bias, ids, table.views, table.deltas, table.rows,
+                                      table.cols, table.max_rows, name)
 
 
 def carrier_linear(x, base_weight, delta, rows, cols, bias=None, *, backend=None):
@@ -323,19 +435,21 @@ def carrier_linear(x, base_weight, delta, rows, cols, bias=None, *, backend=None
 
     Returns:
         (..., N) in x's dtype. Differentiable in x only (an inference op; see the module docstring).
-        Every call checks rows and cols (sorted, unique, in range: host syncs on a GPU) and builds a
-        one-slot table; a :class:`~lcdd_kernels.CarrierBank` does both once per carrier instead.
+        Eagerly every call checks rows and cols (sorted, unique, in range: host syncs on a GPU;
+        skipped under torch.compile) and builds a one-slot table; :func:`apply_carrier` and a
+        :class:`~lcdd_kernels.CarrierBank` do both once per carrier instead.
     """
     op = "carrier_linear"
     _check_linear(op, x, base_weight, bias)
-    _check_carrier(op, x, base_weight, delta, rows, cols)
+    if not torch.compiler.is_compiling():  # data-dependent checks: eager only
+        _check_carrier(op, x, base_weight, delta, rows, cols)
     x, base_weight, delta, bias = _autocast(x, base_weight, delta, bias)
     name = _select(op, x, math.prod(x.shape[:-1]), backend)
     if name == "reference":
         return carrier_linear_ref(x, base_weight, delta, rows, cols, bias)
-    n, k = base_weight.shape
-    table = CarrierTable(n, k, [CarrierTable.entry(delta, rows, cols, n, slots=name == "cuda")], x.device)
-    return _run(op, name, x, base_weight, bias, table, None, None, (delta,))
+    _prepare(op, name, base_weight, bias, (delta,))
+    return torch.ops.lcdd.carrier_linear(x, base_weight, delta, rows.to(torch.int32), cols.to(torch.int32),
+                                         bias, name)
 
 
 def bank_linear(x, base_weight, bank, module_name, carrier_ids, bias=None, *, backend=None, check_ids=True):
@@ -353,10 +467,12 @@ def bank_linear(x, base_weight, bank, module_name, carrier_ids, bias=None, *, ba
             host sync on a GPU), else raise. With False nothing is checked and every id outside
             the bank counts as −1, on every backend alike: an id < −1, ≥ the bank's slot count,
             or of a removed carrier adds nothing (the token gets the base projection). For ids
-            checked already, e.g. once per forward as ``bank.carriers(...)`` does.
+            checked already, e.g. once per forward as ``bank.carriers(...)`` does. Under
+            torch.compile the check (a host sync) is skipped and ids behave as with False.
 
     Returns:
-        (..., N) in x's dtype; differentiable in x only.
+        (..., N) in x's dtype; differentiable in x only. The registered op behind it is
+        ``torch.ops.lcdd.bank_linear``, which takes the bank's table of this projection.
     """
     op = "bank_linear"
     _check_linear(op, x, base_weight, bias)
@@ -366,9 +482,10 @@ def bank_linear(x, base_weight, bank, module_name, carrier_ids, bias=None, *, ba
         raise TypeError(f"{op}: carrier_ids must be int32 or int64, got {carrier_ids.dtype}")
     _checks.shape(op, "carrier_ids", carrier_ids, (n_tok,), f"(one carrier id per token: x holds {n_tok})")
     _checks.same_device(op, "x", x, carrier_ids=carrier_ids)
-    if check_ids:
+    checked = check_ids and not torch.compiler.is_compiling()
+    if checked:
         bank.check_ids(carrier_ids, op)
-    return _bank_linear(x, base_weight, bias, bank, module_name, carrier_ids, backend, checked=check_ids)
+    return _bank_linear(x, base_weight, bias, bank, module_name, carrier_ids, backend, checked=checked)
 
 
 def _bank_linear(x, base_weight, bias, bank, module_name, carrier_ids, backend=None, checked=True):
@@ -386,8 +503,8 @@ def _bank_linear(x, base_weight, bias, bank, module_name, carrier_ids, backend=N
     ids = carrier_ids
     if not checked and (name in ("cpp", "cuda") or ids.dtype != torch.int32):
         # The native kernels index their table by id, and an int64 id could wrap into range as
-        # int32; torch and Triton skip out-of-range int32 ids themselves (route()).
+        # int32; torch and Triton skip out-of-range int32 ids themselves (route(), and the
+        # masked per-slot add matches no slot).
         ids = ids_or_base(ids, len(table))
     ids = (ids if ids.dtype == torch.int32 else ids.to(torch.int32)).contiguous()
-    routing = bank.routing(ids, len(table)) if name == "triton" else None
-    return _run(op, name, x, base_weight, bias, table, ids, routing, (e.delta for e in table.entries if e))
+    return table_linear(x, base_weight, bias, table, ids, name)

@@ -4,7 +4,8 @@ One kernel reads only the B·C elements it returns, from any strided (B, S, D) h
 writes them into a (B, C) buffer the caller may allocate once (``out=``). Backends: ``triton``
 (CUDA tensors), ``cpp`` (CPU tensors, through ``lcdd_kernels._C``), ``torch`` / ``reference``
 (advanced indexing). Backward is the same for all of them: the gradient scattered (accumulating
-over repeated channels) into a zero (B, S, D) tensor, by PyTorch's ``index_put_``.
+over repeated channels) into a zero (B, S, D) tensor, by PyTorch's ``index_put_``. The registered
+ops are ``torch.ops.lcdd.gather_channels`` and ``torch.ops.lcdd.gather_channels_out`` (``out=``).
 """
 
 from __future__ import annotations
@@ -44,21 +45,55 @@ def _forward_into(name, out, hidden, positions, channels):
     return out
 
 
-class _GatherChannels(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, hidden, positions, channels, name):
-        ctx.save_for_backward(positions, channels)
-        ctx.shape = hidden.shape
-        out = hidden.new_empty(hidden.shape[0], channels.numel())
-        return _forward_into(name, out, hidden, positions, channels)
+# Registered ops: torch.ops.lcdd.gather_channels (a new (B, C) result, differentiable in hidden)
+# and torch.ops.lcdd.gather_channels_out (into a caller's buffer, no gradient).
 
-    @staticmethod
-    def backward(ctx, grad):
-        positions, channels = ctx.saved_tensors
-        rows = torch.arange(ctx.shape[0], device=grad.device)
-        gh = grad.new_zeros(ctx.shape)
-        gh.index_put_((rows[:, None], positions[:, None], channels[None, :]), grad, accumulate=True)
-        return gh, None, None, None
+
+@torch.library.custom_op("lcdd::gather_channels", mutates_args=(), device_types="cpu")
+def _op_gather_cpu(hidden: torch.Tensor, positions: torch.Tensor, channels: torch.Tensor, backend: str) -> torch.Tensor:
+    """positions (B,) int64, channels (C,) contiguous int32/int64, checked already. CPU: the C++
+    gather of ``_C`` (or torch)."""
+    return _forward_into(backend, hidden.new_empty(hidden.shape[0], channels.numel()), hidden, positions, channels)
+
+
+@_op_gather_cpu.register_kernel("cuda")
+def _op_gather_cuda(hidden, positions, channels, backend):
+    """CUDA: the Triton gather (or torch)."""
+    return _forward_into(backend, hidden.new_empty(hidden.shape[0], channels.numel()), hidden, positions, channels)
+
+
+@_op_gather_cpu.register_fake
+def _(hidden, positions, channels, backend):
+    return hidden.new_empty(hidden.shape[0], channels.shape[0])
+
+
+def _gather_setup(ctx, inputs, output):
+    hidden, positions, channels, backend = inputs
+    ctx.save_for_backward(positions, channels)
+    ctx.shape = hidden.shape
+
+
+def _gather_grad(ctx, grad):
+    positions, channels = ctx.saved_tensors
+    rows = torch.arange(ctx.shape[0], device=grad.device)
+    gh = grad.new_zeros(ctx.shape)
+    gh.index_put_((rows[:, None], positions[:, None], channels[None, :]), grad, accumulate=True)
+    return gh, None, None, None
+
+
+_op_gather_cpu.register_autograd(_gather_grad, setup_context=_gather_setup)
+
+
+@torch.library.custom_op("lcdd::gather_channels_out", mutates_args=("out",), device_types=("cpu", "cuda"))
+def _op_gather_out(hidden: torch.Tensor, positions: torch.Tensor, channels: torch.Tensor, out: torch.Tensor,
+                   backend: str) -> None:
+    """The same gather into ``out`` (B, C), any strides."""
+    _forward_into(backend, out, hidden, positions, channels)
+
+
+@_op_gather_out.register_fake
+def _(hidden, positions, channels, out, backend):
+    return None
 
 
 def _check(op, hidden, positions, channels, out, check_indices):
@@ -96,7 +131,8 @@ def gather_channels(hidden, positions, channels, out=None, *, backend=None, chec
         into a zero (B, S, D) tensor, accumulating over repeated channels).
     """
     op = "gather_channels"
-    _check(op, hidden, positions, channels, out, check_indices)
+    # index range checks read the indices (host syncs): eager only
+    _check(op, hidden, positions, channels, out, check_indices and not torch.compiler.is_compiling())
     name = _backend.select(op, hidden.device, _IMPLEMENTED, _AUTO, backend)
     if positions.dtype != torch.int64:
         positions = positions.long()
@@ -111,8 +147,7 @@ def gather_channels(hidden, positions, channels, out=None, *, backend=None, chec
         return res if out is None else out.copy_(res)
     if name != "torch":  # the kernels take raw strides: contiguous index vectors only
         positions, channels = positions.contiguous(), channels.contiguous()
-    if needs_grad:
-        return _GatherChannels.apply(hidden, positions, channels, name)
     if out is None:
-        out = hidden.new_empty(hidden.shape[0], channels.numel())
-    return _forward_into(name, out, hidden.detach(), positions, channels)
+        return torch.ops.lcdd.gather_channels(hidden, positions, channels, name)
+    torch.ops.lcdd.gather_channels_out(hidden.detach(), positions, channels, out, name)
+    return out

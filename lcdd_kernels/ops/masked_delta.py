@@ -134,42 +134,6 @@ def _param_grads(g2, x2, weight, base, r, c, need):
     return dw, dr, dc
 
 
-class _MaskedDeltaLinearTorch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, base, r, c, bias):
-        k = x.shape[-1]
-        x2 = _flat(x, k)
-        y2 = x2.new_empty(x2.shape[0], weight.shape[0])
-        _forward_into(y2, x2, weight, base, r, c)
-        if bias is not None:
-            y2.add_(bias)
-        ctx.save_for_backward(x, weight, base, r, c)
-        ctx.has_bias = bias is not None
-        return y2.view(*x.shape[:-1], weight.shape[0])
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight, base, r, c = ctx.saved_tensors
-        nx, nw, _, nr, nc, nb = ctx.needs_input_grad
-        k, n = x.shape[-1], weight.shape[0]
-        x2 = _flat(x, k)
-        g2 = _flat(gy, n).to(x.dtype)
-        dx = None
-        if nx:
-            dx = x2.new_empty(x2.shape)
-            _dx_into(dx, g2, [(weight, base)], r, c)
-        dw, dr, dc = _param_grads(g2, x2, weight, base, r, c, (nw, nr, nc))
-        db = g2.sum(0) if (nb and ctx.has_bias) else None
-        return (
-            dx.view(x.shape) if nx else None,
-            dw,
-            None,
-            dr.to(r.dtype) if nr else None,
-            dc.to(c.dtype) if nc else None,
-            db,
-        )
-
-
 #: Rows of fp32 temporaries per chunk in the SwiGLU gradient (bounds them to ~4 MiB each).
 _SWIGLU_CHUNK_ELEMS = 1 << 20
 
@@ -215,30 +179,138 @@ def _graph_is_kept() -> bool:
     return True if query is None else bool(query())
 
 
-class _MaskedDeltaSwiGLUTorch(torch.autograd.Function):
-    """silu(x·Wg_effᵀ) ⊙ (x·Wu_effᵀ). Saves x, the weights and the two pre-activations g, u:
-    one buffer (T, 2, F) holds both, and silu(g) is recomputed in backward instead of saved.
-    Backward writes ∂g, ∂u over that buffer when the graph is not retained (as Liger-Kernel does),
-    so the MLP's backward holds one activation-sized buffer fewer than dense's."""
+# ---------------------------------------------------------------------------------------------
+# Registered ops (torch.ops.lcdd.*). The public functions below validate their arguments, apply
+# autocast and pick the backend, then call these; the ops themselves only compute, so that
+# torch.compile sees one opaque node per projection (its fake implementation gives the shapes)
+# and every backend's gradient comes from the same registered backward.
+# ---------------------------------------------------------------------------------------------
 
-    @staticmethod
-    def forward(ctx, x, wg, bg, wu, bu, r, c):
-        k, f = x.shape[-1], wg.shape[0]
-        x2 = _flat(x, k)
+
+def _triton():
+    from . import masked_delta_triton
+
+    return masked_delta_triton
+
+
+def _linear_forward(x, weight, base, r, c, bias, backend):
+    k, n = x.shape[-1], weight.shape[0]
+    x2 = _flat(x, k)
+    if backend == "triton":
+        t = _triton()
+        design = t.choose_design(x2.shape[0])
+        y2, _ = t._IMPL[design].forward(x2, [(weight.contiguous(), base.contiguous())], r, c, bias)
+    else:
+        y2 = x2.new_empty(x2.shape[0], n)
+        _forward_into(y2, x2, weight, base, r, c)
+        if bias is not None:
+            y2.add_(bias)
+    return y2.view(*x.shape[:-1], n)
+
+
+def _empty_grad(t):
+    return t.new_empty(0)
+
+
+def _linear_backward(gy, x, weight, base, r, c, need, backend):
+    nx, nw, nr, nc = need
+    k, n = x.shape[-1], weight.shape[0]
+    x2 = _flat(x, k)
+    g2 = _flat(gy, n).to(x.dtype)
+    if backend == "triton":
+        t = _triton()
+        impl = t._IMPL[t.choose_design(x2.shape[0])]
+        w, b = weight.contiguous(), base.contiguous()
+        dx = impl.dx(g2[:, None], [(w, b)], r, c) if nx else None
+        dw, dr, dc = impl.dw(g2, x2, w, b, r, c, nw, nr, nc)
+    else:
+        dx = None
+        if nx:
+            dx = x2.new_empty(x2.shape)
+            _dx_into(dx, g2, [(weight, base)], r, c)
+        dw, dr, dc = _param_grads(g2, x2, weight, base, r, c, (nw, nr, nc))
+    return (dx.view(x.shape) if nx else _empty_grad(x), dw if nw else _empty_grad(weight),
+            dr.to(r.dtype) if nr else _empty_grad(r), dc.to(c.dtype) if nc else _empty_grad(c))
+
+
+@torch.library.custom_op("lcdd::masked_delta_linear", mutates_args=(), device_types="cpu")
+def _op_linear_cpu(x: torch.Tensor, weight: torch.Tensor, base: torch.Tensor, r: torch.Tensor,
+                   c: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """CPU: the torch backend (or Triton under the interpreter, for tests). r, c in x's dtype."""
+    return _linear_forward(x, weight, base, r, c, bias, backend)
+
+
+@_op_linear_cpu.register_kernel("cuda")
+def _op_linear_cuda(x, weight, base, r, c, bias, backend):
+    """CUDA: the Triton kernels (or the torch backend when asked for)."""
+    return _linear_forward(x, weight, base, r, c, bias, backend)
+
+
+@_op_linear_cpu.register_fake
+def _(x, weight, base, r, c, bias, backend):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("lcdd::masked_delta_linear_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def _op_linear_backward(gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, base: torch.Tensor,
+                        r: torch.Tensor, c: torch.Tensor, need: list[bool], backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dW, dr, dc) of SPEC §1; ``need`` = which of them to compute (the others are empty)."""
+    return _linear_backward(gy, x, weight, base, r, c, need, backend)
+
+
+@_op_linear_backward.register_fake
+def _(gy, x, weight, base, r, c, need, backend):
+    return tuple(torch.empty_like(t) if want else t.new_empty(0) for t, want in zip((x, weight, r, c), need))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, base, r, c, bias, backend = inputs
+    ctx.save_for_backward(x, weight, base, r, c)
+    ctx.backend, ctx.has_bias = backend, bias is not None
+
+
+def _linear_grad(ctx, gy):
+    x, weight, base, r, c = ctx.saved_tensors
+    nx, nw, _, nr, nc, nb, _ = ctx.needs_input_grad
+    dx, dw, dr, dc = torch.ops.lcdd.masked_delta_linear_backward(gy, x, weight, base, r, c, [nx, nw, nr, nc],
+                                                                 ctx.backend)
+    db = _flat(gy, weight.shape[0]).to(x.dtype).sum(0) if (nb and ctx.has_bias) else None
+    return (dx if nx else None, dw if nw else None, None, dr if nr else None, dc if nc else None, db, None)
+
+
+_op_linear_cpu.register_autograd(_linear_grad, setup_context=_linear_setup)
+
+
+def _swiglu_forward(x, wg, bg, wu, bu, r, c, backend):
+    k, f = x.shape[-1], wg.shape[0]
+    x2 = _flat(x, k)
+    if backend == "triton":
+        t = _triton()
+        pairs = [(wg.contiguous(), bg.contiguous()), (wu.contiguous(), bu.contiguous())]
+        h, gu = t._IMPL[t.choose_design(x2.shape[0])].forward(x2, pairs, r, c, None)
+    else:
         gu = x2.new_empty(x2.shape[0], 2, f)
         _forward_into(gu[:, 0], x2, wg, bg, r, c)
         _forward_into(gu[:, 1], x2, wu, bu, r, c)
         h = F.silu(gu[:, 0]) * gu[:, 1]
-        ctx.save_for_backward(x, wg, bg, wu, bu, r, c, gu)
-        return h.view(*x.shape[:-1], f)
+    return h.view(*x.shape[:-1], f), gu
 
-    @staticmethod
-    def backward(ctx, dh):
-        x, wg, bg, wu, bu, r, c, gu = ctx.saved_tensors
-        nx, nwg, _, nwu, _, nr, nc = ctx.needs_input_grad
-        k, f = x.shape[-1], wg.shape[0]
-        x2 = _flat(x, k)
-        dgu = torch.empty_like(gu) if _graph_is_kept() else gu
+
+def _swiglu_backward(dh, x, wg, bg, wu, bu, r, c, gu, need, overwrite, backend):
+    nx, nwg, nwu, nr, nc = need
+    k, f = x.shape[-1], wg.shape[0]
+    x2 = _flat(x, k)
+    if backend == "triton":
+        t = _triton()
+        impl = t._IMPL[t.choose_design(x2.shape[0])]
+        pairs = [(wg.contiguous(), bg.contiguous()), (wu.contiguous(), bu.contiguous())]
+        dgu = t._swiglu_backward(_flat(dh, f), gu, gu if overwrite else torch.empty_like(gu))
+        dx = impl.dx(dgu, pairs, r, c) if nx else None
+        gate = impl.dw(dgu[:, 0], x2, *pairs[0], r, c, nwg, nr, nc)
+        up = impl.dw(dgu[:, 1], x2, *pairs[1], r, c, nwu, nr, nc)
+    else:
+        dgu = gu if overwrite else torch.empty_like(gu)
         _swiglu_grads_into(dgu, _flat(dh, f), gu)
         dx = None
         if nx:
@@ -246,7 +318,84 @@ class _MaskedDeltaSwiGLUTorch(torch.autograd.Function):
             _dx_into(dx, dgu.view(dgu.shape[0], 2 * f), [(wg, bg), (wu, bu)], r, c)
         gate = _param_grads(dgu[:, 0], x2, wg, bg, r, c, (nwg, nr, nc))
         up = _param_grads(dgu[:, 1], x2, wu, bu, r, c, (nwu, nr, nc))
-        return swiglu_grads(dx.view(x.shape) if nx else None, gate, up, r, c, nr, nc)
+    _, dwg, _, dwu, _, dr, dc = swiglu_grads(dx.view(x.shape) if nx else None, gate, up, r, c, nr, nc)
+    return (dx.view(x.shape) if nx else _empty_grad(x), dwg if nwg else _empty_grad(wg),
+            dwu if nwu else _empty_grad(wu), dr if nr else _empty_grad(r), dc if nc else _empty_grad(c))
+
+
+@torch.library.custom_op("lcdd::masked_delta_swiglu", mutates_args=(), device_types="cpu")
+def _op_swiglu_cpu(x: torch.Tensor, gate_weight: torch.Tensor, gate_base: torch.Tensor, up_weight: torch.Tensor,
+                   up_base: torch.Tensor, r: torch.Tensor, c: torch.Tensor, backend: str,
+                   gu_scratch: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, gu): h = silu(g) ⊙ u (..., F) and the pre-activations gu (T, 2, F) that backward reads
+    (a second output so that it is saved, not recomputed; it is not differentiable).
+    ``gu_scratch=True`` lets an eager backward write its gradients over gu (one (T, 2, F) buffer
+    fewer at the MLP's backward peak): for callers that drop gu, as masked_delta_swiglu does."""
+    return _swiglu_forward(x, gate_weight, gate_base, up_weight, up_base, r, c, backend)
+
+
+@_op_swiglu_cpu.register_kernel("cuda")
+def _op_swiglu_cuda(x, gate_weight, gate_base, up_weight, up_base, r, c, backend, gu_scratch):
+    return _swiglu_forward(x, gate_weight, gate_base, up_weight, up_base, r, c, backend)
+
+
+@_op_swiglu_cpu.register_fake
+def _(x, gate_weight, gate_base, up_weight, up_base, r, c, backend, gu_scratch):
+    f = gate_weight.shape[0]
+    t = math.prod(x.shape[:-1])
+    return x.new_empty(*x.shape[:-1], f), x.new_empty(t, 2, f)
+
+
+@torch.library.custom_op("lcdd::masked_delta_swiglu_backward", mutates_args=(), device_types=("cpu", "cuda"))
+def _op_swiglu_backward(dh: torch.Tensor, x: torch.Tensor, gate_weight: torch.Tensor, gate_base: torch.Tensor,
+                        up_weight: torch.Tensor, up_base: torch.Tensor, r: torch.Tensor, c: torch.Tensor,
+                        gu: torch.Tensor, need: list[bool], backend: str
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dWg, dWu, dr, dc); ``need`` says which (the others are empty)."""
+    return _swiglu_backward(dh, x, gate_weight, gate_base, up_weight, up_base, r, c, gu, need, False, backend)
+
+
+@torch.library.custom_op("lcdd::masked_delta_swiglu_backward_", mutates_args=("gu",), device_types=("cpu", "cuda"))
+def _op_swiglu_backward_(dh: torch.Tensor, x: torch.Tensor, gate_weight: torch.Tensor, gate_base: torch.Tensor,
+                         up_weight: torch.Tensor, up_base: torch.Tensor, r: torch.Tensor, c: torch.Tensor,
+                         gu: torch.Tensor, need: list[bool], backend: str
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The same, writing ∂g, ∂u over ``gu`` (one (T, 2, F) buffer fewer at the MLP's backward
+    peak; eager backward uses it when the graph is not retained)."""
+    return _swiglu_backward(dh, x, gate_weight, gate_base, up_weight, up_base, r, c, gu, need, True, backend)
+
+
+def _swiglu_backward_fake(dh, x, gate_weight, gate_base, up_weight, up_base, r, c, gu, need, backend):
+    return tuple(torch.empty_like(t) if want else t.new_empty(0)
+                 for t, want in zip((x, gate_weight, up_weight, r, c), need))
+
+
+_op_swiglu_backward.register_fake(_swiglu_backward_fake)
+_op_swiglu_backward_.register_fake(_swiglu_backward_fake)
+
+
+def _swiglu_setup(ctx, inputs, output):
+    x, wg, bg, wu, bu, r, c, backend, gu_scratch = inputs
+    ctx.save_for_backward(x, wg, bg, wu, bu, r, c, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.backend, ctx.gu_scratch = backend, gu_scratch
+
+
+def _swiglu_grad(ctx, dh, _dgu):
+    x, wg, bg, wu, bu, r, c, gu = ctx.saved_tensors
+    nx, nwg, _, nwu, _, nr, nc, _, _ = ctx.needs_input_grad
+    # Eagerly the saved buffer is reused unless retain_graph asked to keep it. Never while a
+    # backward is traced (torch.compile, AOT autograd: gu is a fake or functional tensor then):
+    # the compiled graph owns its buffers and functionalisation would copy gu anyway.
+    overwrite = (ctx.gu_scratch and type(gu) is torch.Tensor and not torch.compiler.is_compiling()
+                 and not _graph_is_kept())
+    op = torch.ops.lcdd.masked_delta_swiglu_backward_ if overwrite else torch.ops.lcdd.masked_delta_swiglu_backward
+    dx, dwg, dwu, dr, dc = op(dh, x, wg, bg, wu, bu, r, c, gu, [nx, nwg, nwu, nr, nc], ctx.backend)
+    return (dx if nx else None, dwg if nwg else None, None, dwu if nwu else None, None,
+            dr if nr else None, dc if nc else None, None, None)
+
+
+_op_swiglu_cpu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -342,11 +491,7 @@ def masked_delta_linear(x, weight, base_weight, row_mask, col_mask, bias=None, *
     name = _pick(op, x.device, backend, x.dtype)
     if name == "reference":
         return masked_delta_linear_ref(x, weight, base_weight, r, c, bias)
-    if name == "triton":
-        from . import masked_delta_triton
-
-        return masked_delta_triton.masked_delta_linear(x, weight, base_weight, r, c, bias)
-    return _MaskedDeltaLinearTorch.apply(x, weight, base_weight, r, c, bias)
+    return torch.ops.lcdd.masked_delta_linear(x, weight, base_weight, r, c, bias, name)
 
 
 def masked_delta_swiglu(x, gate_weight, gate_base, up_weight, up_base, hidden_mask, read_mask, *, backend=None):
@@ -372,8 +517,4 @@ def masked_delta_swiglu(x, gate_weight, gate_base, up_weight, up_base, hidden_ma
     name = _pick(op, x.device, backend, x.dtype)
     if name == "reference":
         return masked_delta_swiglu_ref(x, gate_weight, gate_base, up_weight, up_base, r, c)
-    if name == "triton":
-        from . import masked_delta_triton
-
-        return masked_delta_triton.masked_delta_swiglu(x, gate_weight, gate_base, up_weight, up_base, r, c)
-    return _MaskedDeltaSwiGLUTorch.apply(x, gate_weight, gate_base, up_weight, up_base, r, c)
+    return torch.ops.lcdd.masked_delta_swiglu(x, gate_weight, gate_base, up_weight, up_base, r, c, name, True)[0]

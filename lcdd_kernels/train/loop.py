@@ -51,6 +51,12 @@ class TrainConfig:
     shuffle: bool = True
     bf16: bool | None = None
     gradient_checkpointing: bool = False
+    #: torch.compile the model's forward (and so its backward): fullgraph=True, dynamic batch and
+    #: sequence dimensions (one compilation for every batch shape). ``compile_backend`` is any
+    #: torch.compile backend ("inductor" generates kernels; "aot_eager" compiles in seconds).
+    compile: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: str | None = None
     train_on_prompt: bool = False
     save_every: int | None = None
     progress: bool = True
@@ -181,6 +187,9 @@ def _run(model, examples, cfg: TrainConfig, out: Path | None, ckpt: Path | None,
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
     model.train()
+    # The compiled module shares the model's parameters; checkpoints and outputs use the model.
+    forward = (torch.compile(model, backend=cfg.compile_backend, mode=cfg.compile_mode, fullgraph=True, dynamic=True)
+               if cfg.compile else model)
 
     if handle is not None:
         groups = handle.parameters()
@@ -214,7 +223,7 @@ def _run(model, examples, cfg: TrainConfig, out: Path | None, ckpt: Path | None,
             epoch, index, items = next(batches)
             batch = _on_device(collate(items, pad_id), device, rank, world)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                task = model(**batch).loss
+                task = forward(**batch).loss
             (task / cfg.grad_accum).backward()
             value = _mean_over_ranks(task.detach().float())
             if controller is not None:
