@@ -193,17 +193,25 @@ class CarrierBank:
         return key
 
     def _changed(self) -> None:
+        used = list(self._tables)
         self._tables.clear()
         self._occupied = None
         self._route_cache = None
         if self._active is not None:
             self._active.token_ids.clear()
+        # The tables are rebuilt now, eagerly: every projection of a model-bound bank, and the
+        # ones already used of a standalone bank, so that a compiled forward only reads them
+        # (building one while Dynamo traces would break the graph). The tables' sizes (slots,
+        # largest |rows|) are in the graph, so a change recompiles it once.
         if self.shapes is not None:
-            # A model-bound bank builds every projection's table now, eagerly: a compiled forward
-            # only reads them (building one while Dynamo traces would break the graph). The tables'
-            # sizes (slots, largest |rows|) are in the graph, so a change recompiles it once.
             for path, shape in self.shapes.items():
                 self.table(path, self.device, self.dtype, shape)
+        for path, shape in used:
+            if (path, shape) not in self._tables:
+                try:
+                    self.table(path, self.device, self.dtype, shape)
+                except ValueError:  # a carrier that does not fit: raised again at the next use
+                    pass
 
     # ----- what the ops read -----------------------------------------------------------------
 
@@ -225,6 +233,11 @@ class CarrierBank:
                                  f"but base_weight is {tuple(shape)}")
         key = (module_name, tuple(shape))
         table = self._tables.get(key)
+        if table is None and torch.compiler.is_compiling():
+            raise RuntimeError(
+                f"{op}: the bank has no table for {module_name!r} {tuple(shape)} yet and one cannot be built "
+                "inside torch.compile; call bank_linear once eagerly for this projection first (a bank from "
+                "apply_carrier_bank builds every table when carriers are added)")
         if table is None:
             entries = [None if s is None else s.modules.get(module_name) for s in self._slots]
             for i, s in enumerate(self._slots):
