@@ -25,6 +25,7 @@ from lcdd_kernels.models.tiny import TINY, tiny_model
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
     torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()  # reset() keeps the global counters
     yield
     torch._dynamo.reset()
 
