@@ -181,3 +181,26 @@ def test_opcheck_gather_channels(device, dtype):
         _opcheck(torch.ops.lcdd.gather_channels.default, (hidden, positions, channels, backend))
         out = torch.empty(4, 3, dtype=dtype, device=device).t()  # strided out
         _opcheck(torch.ops.lcdd.gather_channels_out.default, (hidden.detach(), positions, channels, out, backend))
+
+
+def test_sync_free_torch_routing_equals_the_routed_one():
+    """The torch backend's GPU path (every slot on every token, kept where the id matches: no host
+    sync) and the CPU path (tokens grouped by slot) give the same result, here on CPU tensors;
+    ids outside the table (unchecked) add nothing on both."""
+    from lcdd_kernels.ops import carrier as C
+
+    g = torch.Generator().manual_seed(6)
+    n, k, t = 9, 7, 11
+    parts = [_carrier_parts(n, k, kind, torch.float32, "cpu", g) for kind in ("subset", "full", "empty", "subset")]
+    deltas, rows, cols = ([p[i] for p in parts] for i in range(3))
+    x = torch.randn(t, k, generator=g)
+    ids = torch.tensor([0, -1, 1, 3, 3, 2, 9, -5, 0, 1, 3], dtype=torch.int32)
+    y0 = torch.randn(t, n, generator=g)
+    a, b = y0.clone(), y0.clone()
+    C._torch_add_routed_(a, x, deltas, rows, cols, ids)
+    C._torch_add_masked_(b, x, deltas, rows, cols, ids)
+    torch.testing.assert_close(b, a)
+    assert not torch.equal(a, y0)
+    assert torch.equal(a[6], y0[6]) and torch.equal(a[7], y0[7]) and torch.equal(a[1], y0[1])
+    tok, seg = C.route(ids, len(deltas), t, torch.device("cpu"))
+    assert seg.tolist() == [3, 5, 7, 8, 11]  # −1 and the out-of-range ids first, then slot by slot

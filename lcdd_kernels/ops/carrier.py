@@ -172,16 +172,21 @@ def _torch_add_(y2, x2, deltas, rows, cols, ids):
         if deltas and deltas[0].numel():
             y2.index_add_(1, rows[0], torch.mm(x2.index_select(1, cols[0]), deltas[0].t()))
         return
-    if x2.device.type == "cpu":
-        tok, seg = route(ids, len(deltas), x2.shape[0], x2.device)
-        bounds = seg.tolist()
-        for c, delta in enumerate(deltas):
-            if delta.numel() == 0 or bounds[c + 1] == bounds[c]:
-                continue
-            t = tok[bounds[c]:bounds[c + 1]].long()
-            part = torch.mm(x2.index_select(0, t).index_select(1, cols[c]), delta.t())
-            y2.index_put_((t[:, None], rows[c].long()[None, :]), part, accumulate=True)
-        return
+    (_torch_add_routed_ if x2.device.type == "cpu" else _torch_add_masked_)(y2, x2, deltas, rows, cols, ids)
+
+
+def _torch_add_routed_(y2, x2, deltas, rows, cols, ids):
+    tok, seg = route(ids, len(deltas), x2.shape[0], x2.device)
+    bounds = seg.tolist()
+    for c, delta in enumerate(deltas):
+        if delta.numel() == 0 or bounds[c + 1] == bounds[c]:
+            continue
+        t = tok[bounds[c]:bounds[c + 1]].long()
+        part = torch.mm(x2.index_select(0, t).index_select(1, cols[c]), delta.t())
+        y2.index_put_((t[:, None], rows[c].long()[None, :]), part, accumulate=True)
+
+
+def _torch_add_masked_(y2, x2, deltas, rows, cols, ids):
     for c, delta in enumerate(deltas):
         if delta.numel() == 0:
             continue
