@@ -138,12 +138,15 @@ def setup_linear(case: dict, provider: str, device: str, dtype: str, backend: st
     if provider == "lcdd-compiled":
         import time
 
-        fn = torch.compile(lambda xx, ii: bank_linear(xx, base, bank, "proj", ii, check_ids=False, backend=backend),
-                           fullgraph=True)
+        def call(xx, ii):
+            return bank_linear(xx, base, bank, "proj", ii, check_ids=False, backend=backend)
+
+        # a fresh function per case (one shared code object would hit Dynamo's recompile limit
+        # across the cases and fall back to eager); compiled and timed in the same grad mode
+        fn = torch.compile(call, fullgraph=True, dynamic=False)
         bank_linear(x, base, bank, "proj", dev_ids, check_ids=False, backend=backend)  # builds the table
         t0 = time.perf_counter()
-        with torch.no_grad():
-            fn(x, dev_ids)
+        fn(x, dev_ids)
         info["compile_s"] = time.perf_counter() - t0
         return common.Prepared(lambda: fn(x, dev_ids), [], state, wbytes, info)
     return common.Prepared(lambda: bank_linear(x, base, bank, "proj", dev_ids, check_ids=False, backend=backend),
