@@ -141,8 +141,9 @@ def setup_linear(case: dict, provider: str, device: str, dtype: str, backend: st
         def call(xx, ii):
             return bank_linear(xx, base, bank, "proj", ii, check_ids=False, backend=backend)
 
-        # a fresh function per case (one shared code object would hit Dynamo's recompile limit
-        # across the cases and fall back to eager); compiled and timed in the same grad mode
+        # Dynamo caches per code object: cleared per case, or the cases together would hit its
+        # recompile limit and fall back to eager. Compiled and timed in the same grad mode.
+        torch._dynamo.reset()
         fn = torch.compile(call, fullgraph=True, dynamic=False)
         bank_linear(x, base, bank, "proj", dev_ids, check_ids=False, backend=backend)  # builds the table
         t0 = time.perf_counter()
