@@ -198,3 +198,22 @@ def test_v1_file_with_dense_keys_is_refused(qwen2, tmp_path):
     (d / CONFIG_NAME).write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"unexpected \['model.layers.0.input_layernorm.weight.carrier_dense'"):
         L.load_carrier(d)
+
+
+def test_inspect_shows_dense_parts_and_their_share(qwen2, tmp_path, capsys):
+    from lcdd_kernels.cli import main
+
+    _, (dense, sparse), _ = qwen2
+    dense.save(tmp_path / "d")
+    sparse.save(tmp_path / "s")
+    assert main(["inspect", str(tmp_path / "d")]) == 0
+    out = capsys.readouterr().out
+    nb = dense.nbytes()
+    assert f"dense parts: {len(dense.dense)} parameters" in out and f"{nb['dense'] / nb['total']:.1%}" in out
+    assert "bias: 6 tensors" in out and "norm: 5 tensors" in out
+    assert main(["inspect", str(tmp_path / "d"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert set(info["dense_parameters"]) == set(dense.dense)
+    assert info["size"]["stored_bytes"] == nb and info["size"]["dense_share_of_bytes"] == nb["dense"] / nb["total"]
+    assert main(["inspect", str(tmp_path / "s")]) == 0
+    assert "dense parts: none" in capsys.readouterr().out
