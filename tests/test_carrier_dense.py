@@ -217,3 +217,12 @@ def test_inspect_shows_dense_parts_and_their_share(qwen2, tmp_path, capsys):
     assert info["size"]["stored_bytes"] == nb and info["size"]["dense_share_of_bytes"] == nb["dense"] / nb["total"]
     assert main(["inspect", str(tmp_path / "s")]) == 0
     assert "dense parts: none" in capsys.readouterr().out
+
+
+def test_eraser_channels_stay_the_sparse_write_channels(qwen2):
+    _, (dense, _), _ = qwen2
+    sparse_only = L.Carrier(dense.modules, dense.family, dense.dims, dense.dtype, dense.base_fingerprint)
+    for kind in ("write", "all_residual"):
+        a, b = L.carrier_channels(dense, kind), L.carrier_channels(sparse_only, kind)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        assert all(len(ix) < dense.dims.hidden_size for ix in a.values())  # not the whole residual stream
