@@ -42,6 +42,14 @@ def _load_checkpoint_weights(model, ck: Path) -> None:
     if unknown or not any(k.endswith("lcdd_masks.theta") for k in weights):
         raise ValueError(f"{f} does not belong to this LCDD model (unexpected keys {unknown[:3]}, "
                          "or no mask logits: is it a train-sft checkpoint?)")
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != trainable:
+        # the run trained norms/biases (non_projection="sft") or not ("base"): extract the same way
+        extra, missing = sorted(set(weights) - trainable), sorted(trainable - set(weights))
+        mode = "sft" if extra else "base"
+        raise ValueError(f"{f} was trained with another --non-projection mode than this extraction (the checkpoint "
+                         f"{'also holds ' + str(extra[:2]) if extra else 'lacks ' + str(missing[:2])}); "
+                         f"pass --non-projection {mode}")
     with torch.no_grad():
         for k, t in weights.items():
             if tuple(t.shape) != tuple(params[k].shape):
