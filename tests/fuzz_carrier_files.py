@@ -293,7 +293,7 @@ def _same(a, b) -> tuple[bool, bool]:
     return same, config
 
 
-def worker(limit_bytes: int) -> None:
+def worker(limit_bytes: int, cases_file: str) -> None:
     import logging
 
     resource.setrlimit(resource.RLIMIT_AS, (limit_bytes, limit_bytes))
@@ -301,8 +301,7 @@ def worker(limit_bytes: int) -> None:
     import lcdd_kernels as L
 
     originals = {}
-    for line in sys.stdin:
-        case = json.loads(line)
+    for case in json.loads(Path(cases_file).read_text()):
         d = case["dir"]
         if case["original"] not in originals:
             originals[case["original"]] = L.load_carrier(case["original"])
@@ -332,14 +331,14 @@ def worker(limit_bytes: int) -> None:
 def run(cases: list[dict], limit_gib: float = 2.0, timeout_s: float = 30.0) -> list[dict]:
     results = {}
     pending = list(cases)
+    cases_file = Path(cases[0]["dir"]).parent / "pending.json" if cases else None
     while pending:
+        cases_file.write_text(json.dumps(pending))  # a file, not a pipe: both pipes full would deadlock
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
         proc = subprocess.Popen([sys.executable, "-m", "tests.fuzz_carrier_files", "--worker",
-                                 "--limit-gib", str(limit_gib)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True, cwd=str(ROOT), env=env)
-        for c in pending:
-            proc.stdin.write(json.dumps(c) + "\n")
-        proc.stdin.close()
+                                 "--limit-gib", str(limit_gib), "--cases-file", str(cases_file)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                text=True, cwd=str(ROOT), env=env)
         current, deadline = None, time.monotonic() + 120.0  # the worker's start (imports)
         while True:
             ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
@@ -396,9 +395,10 @@ def main(argv=None) -> int:
     p.add_argument("--timeout", type=float, default=30.0, help="seconds per case")
     p.add_argument("--keep", metavar="DIR", help="keep the case directories here (for a failing case)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--cases-file", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        worker(int(args.limit_gib * 2**30))
+        worker(int(args.limit_gib * 2**30), args.cases_file)
         return 0
     t0 = time.perf_counter()
     summary, results = fuzz(args.cases, args.seed, args.limit_gib, args.timeout,
