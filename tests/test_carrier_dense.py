@@ -16,7 +16,6 @@ from lcdd_kernels.carriers.format import CONFIG_NAME
 from lcdd_kernels.models.families import Dims
 from lcdd_kernels.models.tiny import TINY, tiny_model
 
-from .helpers import assert_close
 from .sft_pairs import sft_pair
 
 FAMILIES = list(TINY)

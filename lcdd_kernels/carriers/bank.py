@@ -28,7 +28,6 @@ base values), so that :func:`unmerge_carrier_` restores the base weights bit for
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import weakref
 from collections.abc import Mapping, Sequence
@@ -41,6 +40,7 @@ from torch import nn
 
 from .. import _checks
 from ..ops.carrier import CarrierTable, _bank_linear, _Entry, route, row_slots
+from .bank_norm import BankNorm, norm_paths
 
 __all__ = ["CarrierBank", "BankLinear", "BankNorm", "apply_carrier_bank", "merge_carrier_", "unmerge_carrier_"]
 
@@ -422,54 +422,6 @@ class BankLinear(nn.Module):
         return _bank_linear(x, self.weight, self.bias, self.bank, self.path, ids)
 
 
-class BankNorm(nn.Module):
-    """An RMSNorm served with a carrier bank: each token's norm weight is its carrier's (dense
-    part) or the model's. ``weight`` is the original norm's Parameter (shared, not copied). The
-    normalisation is the original module's own code run with a unit weight, then scaled by the
-    gathered weights: ``w · n(x)`` exactly as the original computes it for that weight."""
-
-    def __init__(self, norm: nn.Module, bank: CarrierBank, path: str):
-        super().__init__()
-        self.weight = norm.weight
-        self.bank, self.path = bank, path
-        unit = copy.deepcopy(norm).requires_grad_(False)
-        with torch.no_grad():
-            unit.weight.fill_(1)
-        self.__dict__["inner"] = norm  # not registered: the model's module, put back by restore()
-        self.__dict__["unit"] = unit
-
-    def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}, carriers={self.bank.ids}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = self.bank.token_ids(x) if self.bank.has_dense(f"{self.path}.weight") else None
-        if ids is None:
-            return self.inner(x)
-        unit = self.unit
-        if unit.weight.device != x.device:
-            unit.to(x.device)
-        w = self.bank.dense_rows(f"{self.path}.weight", self.weight, ids)
-        h = unit(x)
-        return h * w.view(h.shape).to(torch.promote_types(w.dtype, h.dtype))
-
-
-def _norm_paths(model: nn.Module) -> dict[str, nn.Module]:
-    """The model's RMSNorm modules whose output is ``weight · n(x)`` (checked on one input), by path."""
-    out = {}
-    for path, mod in model.named_modules():
-        w = getattr(mod, "weight", None)
-        if not type(mod).__name__.endswith("RMSNorm") or not isinstance(w, torch.Tensor) or w.dim() != 1:
-            continue
-        unit = copy.deepcopy(mod).requires_grad_(False)
-        with torch.no_grad():
-            unit.weight.fill_(1)
-            x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
-            if not torch.equal(mod(x), unit(x) * w):
-                continue  # another form (e.g. (1 + w)·n(x)): not routed; a carrier with it is refused
-        out[path] = mod
-    return out
-
-
 def _carrier_list(carriers) -> list[tuple[str | None, object]]:
     if carriers is None:
         return []
@@ -512,7 +464,7 @@ def apply_carrier_bank(model: nn.Module, carriers=None, allow_fingerprint_mismat
         check_compatible(model_ref(), carrier, allow_fingerprint_mismatch, fingerprint=fingerprint)
 
     bank._compat = compat
-    norms = _norm_paths(model)
+    norms = norm_paths(model)
     bank.dense_shapes = {f"{p}.weight": tuple(m.weight.shape) for p, m in norms.items()}
     bank.dense_shapes.update({f"{p}.bias": tuple(model.get_submodule(p).bias.shape) for _, _, p in paths
                               if model.get_submodule(p).bias is not None})
