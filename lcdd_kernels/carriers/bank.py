@@ -186,18 +186,25 @@ class CarrierBank:
         (1 + slots, *shape) table whose row 0 is ``current`` (the model's value; carrier −1 and
         carriers without that part read it). One gather, no host sync."""
         cached = self._dense_tables.get(path)
-        if cached is None or cached[0].device != current.device:
-            rows, has = [], []
-            for s in self._slots:
-                v = None if s is None or s.dense is None else s.dense.get(path)
-                has.append(v is not None)
-                rows.append(v if v is not None else torch.zeros_like(current))
-            stack = torch.stack([r.to(current.device, current.dtype) for r in rows])
-            mask = torch.tensor(has, device=current.device).view(-1, *([1] * current.dim()))
-            cached = self._dense_tables[path] = (stack, mask)
-        stack, mask = cached
-        table = torch.cat([current.detach()[None], torch.where(mask, stack, current.detach()[None])])
+        if cached is None:
+            cached = self._dense_table(path, tuple(current.shape))
+        stack, mask = (t.to(current.device) for t in cached)
+        cur = current.detach()[None]
+        table = torch.cat([cur, torch.where(mask, stack.to(cur.dtype), cur)])
         return table.index_select(0, (ids.to(torch.long) + 1))
+
+    def _dense_table(self, path: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots, *shape) values of ``path`` per carrier and a (slots, 1...) mask of who has one;
+        built when the bank changes (eagerly: a compiled forward only reads it)."""
+        rows, has = [], []
+        for s in self._slots:
+            v = None if s is None or s.dense is None else s.dense.get(path)
+            has.append(v is not None)
+            rows.append(v if v is not None else torch.zeros(shape, device=self.device, dtype=self.dtype))
+        stack = torch.stack(rows)
+        mask = torch.tensor(has, device=self.device).view(-1, *([1] * len(shape)))
+        self._dense_tables[path] = (stack, mask)
+        return stack, mask
 
     def remove(self, key: int | str) -> None:
         """Drop a carrier (by id or name); its id becomes free for a later ``add``."""
@@ -258,6 +265,9 @@ class CarrierBank:
     def _changed(self) -> None:
         self._tables.clear()
         self._dense_tables.clear()
+        for path, shape in (self.dense_shapes or {}).items():
+            if self.has_dense(path):
+                self._dense_table(path, shape)
         self._occupied = None
         self._route_cache = None
         if self._active is not None:
