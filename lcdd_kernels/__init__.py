@@ -87,8 +87,8 @@ if TYPE_CHECKING:  # pragma: no cover - for static tools only
         CarrierModule,
         base_fingerprint,
         extract_carrier,
-        load_carrier,
     )
+    from .carriers.loading import load_carrier  # noqa: F401
     from .masks import HeavisideMask, heaviside_st  # noqa: F401
     from .ops.carrier import bank_linear, carrier_linear  # noqa: F401
     from .models.authors import load_authors_masks  # noqa: F401

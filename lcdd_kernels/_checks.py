@@ -88,7 +88,9 @@ def index_tensor(op: str, name: str, t: torch.Tensor, upper: int | None, device:
         raise ValueError(f"{op}: {name} is on {t.device}, expected {device}; move it with .to()")
     if t.numel() == 0 or upper is None:
         return
-    if bool(((t < 0) | (t >= upper)).any()):
+    # an int32 vector compared with a bound beyond int32 would wrap the bound: no index can reach it
+    bad = (t < 0) if upper > torch.iinfo(t.dtype).max else (t < 0) | (t >= upper)
+    if bool(bad.any()):
         lo, hi = int(t.min()), int(t.max())
         raise ValueError(f"{op}: {name} holds indices out of range [0, {upper}): min {lo}, max {hi}")
 

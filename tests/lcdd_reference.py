@@ -82,3 +82,81 @@ class SpecLCDD:
 
     def l0(self) -> torch.Tensor:
         return torch.sigmoid(self.theta).sum()
+
+
+def train_non_projection(plain_model, names) -> list:
+    """Make the named parameters of ``plain_model`` trainable leaves (SPEC §3: in the authors' recipe
+    norms and projection biases keep training during LCDD); returns them."""
+    params = dict(plain_model.named_parameters())
+    return [params[n].requires_grad_(True) for n in names]
+
+
+class AuthorsLCDD:
+    """A re-statement of the authors' parametrisation (yuplin2333/sft-reverse,
+    ``training/gated_model_simple.py`` ``L0Masks`` / ``DualWeightMasking`` and
+    ``training/hard_concrete.py`` ``HeavisideSTEMask``), written for these tests:
+
+    - one flat θ for the whole model; per layer the groups ffn_read, ffn_hidden, ffn_write,
+      attn_read, q, k, v, attn_write are consecutive slices (their ``_get_layer_masks``);
+    - mask value ``active − σ(θ).detach() + σ(θ)`` in training, ``active`` in eval, with
+      ``active = (θ > 0).float()``;
+    - each projection weight gets a ``torch.nn.utils.parametrize`` parametrisation
+      ``(w_base + (row ⊗ col) · (w − w_base)).to(w.dtype)`` with rows/cols as in their table and the
+      o_proj column mask the v mask repeated per kv group (their ``_expand_kv_mask``);
+    - the model is the SFT model as it is: norms and biases keep their SFT values and train;
+      embed_tokens and lm_head are frozen (SPEC §3).
+    """
+
+    def __init__(self, sft_model, base_state: dict, theta: torch.Tensor):
+        import torch.nn.utils.parametrize as P
+        from torch import nn
+
+        self.model = sft_model
+        self.theta = nn.Parameter(theta.detach().clone().float() if theta.dtype != torch.float64
+                                  else theta.detach().clone())
+        cfg = sft_model.config
+        for n, p in sft_model.named_parameters():
+            p.requires_grad_(not (n.startswith("model.embed_tokens") or n.startswith("lm_head")))
+        lengths = group_lengths(cfg)
+        per = sum(lengths)
+        _, _, _, heads, kv, hd = config_dims(cfg)
+        owner = self
+
+        def getter(layer, group):
+            def get():
+                active = (owner.theta > 0.0).to(owner.theta.dtype)
+                if owner.model.training:
+                    s = torch.sigmoid(owner.theta)
+                    all_masks = active - s.detach() + s
+                else:
+                    all_masks = active
+                g = SPEC_GROUPS.index(group.rstrip("*"))
+                off = layer * per + sum(lengths[:g])
+                m = all_masks[off:off + lengths[g]]
+                if group == "v*":
+                    m = m.view(kv, hd).repeat_interleave(heads // kv, dim=0).reshape(-1)
+                return m
+            return get
+
+        class DualWeightMasking(nn.Module):
+            def __init__(self, w_base, row, col):
+                super().__init__()
+                self.register_buffer("w_base", w_base.clone())
+                self.row, self.col = row, col
+
+            def forward(self, w):
+                mask = self.row().view(-1, 1) * self.col().view(1, -1)
+                return (self.w_base + mask * (w - self.w_base)).to(w.dtype)
+
+        for i in range(cfg.num_hidden_layers):
+            for proj, (rg, cg) in SPEC_PROJECTIONS.items():
+                name = f"model.layers.{i}.{proj}"
+                P.register_parametrization(sft_model.get_submodule(name), "weight",
+                                           DualWeightMasking(base_state[f"{name}.weight"], getter(i, rg), getter(i, cg)))
+
+    def __call__(self, **batch):
+        return self.model(**batch)
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The trainable SFT weight W of a projection (the parametrisation's ``original``)."""
+        return self.model.get_submodule(name).parametrizations.weight.original

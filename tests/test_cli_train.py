@@ -33,6 +33,10 @@ def test_tiny_pipeline(tmp_path, capsys):
     assert main(["extract", "--tiny", "qwen3", "--model", str(sft / "model"), "--checkpoint",
                  str(run / "checkpoint-3"), "--out", str(out)]) == 2
     assert "already holds a carrier" in capsys.readouterr().err
+    # train-lcdd's default --non-projection sft trained the norms: a strict extraction would drop them
+    assert main(["extract", "--tiny", "qwen3", "--model", str(sft / "model"), "--checkpoint",
+                 str(run / "checkpoint-3"), "--out", str(tmp_path / "strict"), "--non-projection", "base"]) == 2
+    assert "pass --non-projection sft" in capsys.readouterr().err
 
 
 def test_user_errors(tmp_path, capsys):

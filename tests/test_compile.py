@@ -21,6 +21,8 @@ from lcdd_kernels.carriers.bank import CarrierBank
 from lcdd_kernels.models.patch import apply_lcdd
 from lcdd_kernels.models.tiny import TINY, tiny_model
 
+from .sft_pairs import sft_pair
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():
@@ -163,9 +165,13 @@ def test_trainer_torch_compile_with_callback_matches_eager(tmp_path):
 
 
 def _carrier(sft_seed):
-    handle = apply_lcdd(tiny_model("qwen3", seed=sft_seed), tiny_model("qwen3", seed=0), seed=sft_seed,
-                        init_mean=0.0, init_std=1.0)
-    return L.extract_carrier(handle, include_theta=False)
+    # An SFT that moved the norms too (embeddings frozen, as the authors train): the carriers have
+    # dense parts, so the compiled bank also routes per-sequence norm weights (BankNorm).
+    sft, base = sft_pair("qwen3", dtype=torch.float32, seed=sft_seed)
+    handle = apply_lcdd(sft, base, seed=sft_seed, init_mean=0.0, init_std=1.0)
+    carrier = L.extract_carrier(handle, include_theta=False)
+    assert carrier.dense  # the norms the SFT moved
+    return carrier
 
 
 @pytest.fixture(scope="module")

@@ -12,14 +12,23 @@ multi-LoRA servers hold adapters.
 chooses a carrier per sequence for ``model(...)`` and ``model.generate(...)``;
 ``bank.restore()`` puts the original ``nn.Linear`` modules back.
 
+Dense parts (``Carrier.dense``: the LCDD model's norm weights and projection biases) are served
+per sequence too, without a per-carrier copy of the model: every RMSNorm becomes a
+:class:`BankNorm` and each projection with a routed bias computes ``x·Bᵀ`` without it, and then
+each token gets its carrier's row of a small table, ``(1 + slots) × n``, row 0 holding the
+model's current (base) value: ``table[ids + 1]``, one gather, no host sync. Carrier −1 and
+carriers without that part read row 0. Embeddings / lm_head dense parts are not routed
+per sequence (a bank refuses them; apply or merge such a carrier alone).
+
 :func:`merge_carrier_` adds one carrier into the base weights for zero overhead and keeps the
-base entries it overwrote (|rows|×|cols| per projection, the carrier's size), so that
-:func:`unmerge_carrier_` restores the base weights bit for bit.
+base entries it overwrote (|rows|×|cols| per projection, the carrier's size; the dense parts'
+base values), so that :func:`unmerge_carrier_` restores the base weights bit for bit.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import weakref
 from collections.abc import Mapping, Sequence
@@ -32,8 +41,11 @@ from torch import nn
 
 from .. import _checks
 from ..ops.carrier import CarrierTable, _bank_linear, _Entry, route, row_slots
+from .bank_norm import BankNorm, norm_paths
 
-__all__ = ["CarrierBank", "BankLinear", "apply_carrier_bank", "merge_carrier_", "unmerge_carrier_"]
+__all__ = ["CarrierBank", "BankLinear", "BankNorm", "apply_carrier_bank", "merge_carrier_", "unmerge_carrier_"]
+
+log = logging.getLogger("lcdd_kernels.carriers")
 
 
 def _modules_of(carrier) -> Mapping:
@@ -57,6 +69,7 @@ class _Slot:
     carrier: object
     modules: dict[str, _Entry]
     extent: dict[str, tuple[int, int]]  # path -> (last row + 1, last col + 1): the least (N, K) it fits
+    dense: dict[str, torch.Tensor] | None = None  # parameter path -> value, on the bank's device
 
 
 @dataclass
@@ -97,6 +110,9 @@ class CarrierBank:
         self._active: _Active | None = None
         self._compat = None  # set by apply_carrier_bank: carrier -> None or raise
         self._swaps = None
+        #: parameters a model-bound bank routes per sequence: path -> shape (norm weights, biases)
+        self.dense_shapes: dict[str, tuple[int, ...]] | None = None
+        self._dense_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     # ----- managing carriers ---------------------------------------------------------------
 
@@ -128,7 +144,7 @@ class CarrierBank:
             # row-slot maps (CUDA only) are built by table(), which knows each projection's N
             entries[path] = CarrierTable.entry(delta.detach().to(self.device, self.dtype), rows.to(self.device),
                                                cols.to(self.device), n, slots=False)
-        slot = _Slot(name, carrier, entries, extent)
+        slot = _Slot(name, carrier, entries, extent, self._dense_of(carrier))
         free = next((i for i, s in enumerate(self._slots) if s is None), None)
         if free is None:
             self._slots.append(slot)
@@ -137,6 +153,59 @@ class CarrierBank:
             self._slots[free] = slot
         self._changed()
         return free
+
+    def _dense_of(self, carrier) -> dict[str, torch.Tensor] | None:
+        dense = getattr(carrier, "dense", None) or {}
+        if not dense:
+            return None
+        op = "CarrierBank.add"
+        if self.dense_shapes is None:
+            log.warning("%s: this bank serves projections only (bank_linear); the carrier's %d dense parts "
+                        "(norms, biases) are kept but not applied; apply_carrier_bank(model) routes them",
+                        op, len(dense))
+        out = {}
+        for path, t in dense.items():
+            if self.dense_shapes is not None:
+                if path not in self.dense_shapes:
+                    raise ValueError(
+                        f"{op}: the carrier's dense part {path!r} is not a norm weight or projection bias of this "
+                        "model; a bank routes only those per sequence (embeddings / lm_head would need a model "
+                        "copy per carrier): serve this carrier alone with apply_carrier or merge_carrier_, or "
+                        "extract it from an SFT run with embeddings and lm_head frozen")
+                _checks.tensor(f"{op}: {path}", "dense part", t)
+                _checks.floating(f"{op}: {path}", "dense part", t)
+                _checks.shape(f"{op}: {path}", "dense part", t, self.dense_shapes[path], "(the model's parameter)")
+            out[path] = t.detach().to(self.device, self.dtype)
+        return out
+
+    def has_dense(self, path: str) -> bool:
+        """Whether any carrier in the bank has a dense part for parameter ``path`` (host-side)."""
+        return any(s is not None and s.dense is not None and path in s.dense for s in self._slots)
+
+    def dense_rows(self, path: str, current: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Per token, the value of parameter ``path`` under its carrier: (T, *shape) from a
+        (1 + slots, *shape) table whose row 0 is ``current`` (the model's value; carrier −1 and
+        carriers without that part read it). One gather, no host sync."""
+        cached = self._dense_tables.get(path)
+        if cached is None:
+            cached = self._dense_table(path, tuple(current.shape))
+        stack, mask = (t.to(current.device) for t in cached)
+        cur = current.detach()[None]
+        table = torch.cat([cur, torch.where(mask, stack.to(cur.dtype), cur)])
+        return table.index_select(0, (ids.to(torch.long) + 1))
+
+    def _dense_table(self, path: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots, *shape) values of ``path`` per carrier and a (slots, 1...) mask of who has one;
+        built when the bank changes (eagerly: a compiled forward only reads it)."""
+        rows, has = [], []
+        for s in self._slots:
+            v = None if s is None or s.dense is None else s.dense.get(path)
+            has.append(v is not None)
+            rows.append(v if v is not None else torch.zeros(shape, device=self.device, dtype=self.dtype))
+        stack = torch.stack(rows)
+        mask = torch.tensor(has, device=self.device).view(-1, *([1] * len(shape)))
+        self._dense_tables[path] = (stack, mask)
+        return stack, mask
 
     def remove(self, key: int | str) -> None:
         """Drop a carrier (by id or name); its id becomes free for a later ``add``."""
@@ -175,9 +244,11 @@ class CarrierBank:
         return True
 
     def nbytes(self) -> int:
-        """Bytes held by the carriers' tensors (deltas, indices, row-slot maps)."""
-        return sum(t.numel() * t.element_size() for s in self._slots if s is not None for e in s.modules.values()
-                   for t in (e.delta, e.rows, e.cols, e.row_slots) if t is not None)
+        """Bytes held by the carriers' tensors (deltas, indices, row-slot maps, dense parts)."""
+        return (sum(t.numel() * t.element_size() for s in self._slots if s is not None for e in s.modules.values()
+                    for t in (e.delta, e.rows, e.cols, e.row_slots) if t is not None)
+                + sum(t.numel() * t.element_size() for s in self._slots if s is not None and s.dense
+                      for t in s.dense.values()))
 
     def __repr__(self) -> str:
         items = ", ".join(f"{i}: {s.name or 'unnamed'}" for i, s in enumerate(self._slots) if s is not None)
@@ -195,6 +266,10 @@ class CarrierBank:
     def _changed(self) -> None:
         used = list(self._tables)
         self._tables.clear()
+        self._dense_tables.clear()
+        for path, shape in (self.dense_shapes or {}).items():
+            if self.has_dense(path):
+                self._dense_table(path, shape)
         self._occupied = None
         self._route_cache = None
         if self._active is not None:
@@ -382,6 +457,10 @@ class BankLinear(nn.Module):
         ids = self.bank.token_ids(x)
         if ids is None:
             return F.linear(x, self.weight, self.bias)
+        if self.bias is not None and self.bank.has_dense(f"{self.path}.bias"):
+            # a carrier brings its own bias: x·Bᵀ (+ carrier rows), then each token's bias row
+            y = _bank_linear(x, self.weight, None, self.bank, self.path, ids)
+            return y + self.bank.dense_rows(f"{self.path}.bias", self.bias, ids).view(y.shape).to(y.dtype)
         return _bank_linear(x, self.weight, self.bias, self.bank, self.path, ids)
 
 
@@ -399,7 +478,8 @@ def _carrier_list(carriers) -> list[tuple[str | None, object]]:
 def apply_carrier_bank(model: nn.Module, carriers=None, allow_fingerprint_mismatch: bool = False) -> CarrierBank:
     """Serve ``model`` (a base Llama / Mistral / Qwen2 / Qwen3 causal LM) with many carriers.
 
-    Every projection becomes a :class:`BankLinear` sharing the original weight; ``carriers`` (a
+    Every projection becomes a :class:`BankLinear` sharing the original weight, every RMSNorm a
+    :class:`BankNorm` (each sequence gets its carrier's dense norm weights and biases); ``carriers`` (a
     Carrier, a list of them, or {name: Carrier}) are added in order (ids 0, 1, ...). Returns the
     bank: ``with bank.carriers([0, 2, None]): model.generate(...)`` runs sequence i with carrier
     ``ids[i]``; ``bank.add`` / ``bank.remove`` change the carriers at any time; ``bank.restore()``
@@ -426,11 +506,17 @@ def apply_carrier_bank(model: nn.Module, carriers=None, allow_fingerprint_mismat
         check_compatible(model_ref(), carrier, allow_fingerprint_mismatch, fingerprint=fingerprint)
 
     bank._compat = compat
+    norms = norm_paths(model)
+    bank.dense_shapes = {f"{p}.weight": tuple(m.weight.shape) for p, m in norms.items()}
+    bank.dense_shapes.update({f"{p}.bias": tuple(model.get_submodule(p).bias.shape) for _, _, p in paths
+                              if model.get_submodule(p).bias is not None})
     for name, carrier in _carrier_list(carriers):
         bank.add(carrier, name=name)
     swaps = ModuleSwaps(model)
     for _, _, path in paths:
         swaps.swap(path, BankLinear(model.get_submodule(path), bank, path))
+    for path, norm in norms.items():
+        swaps.swap(path, BankNorm(norm, bank, path))
     bank._swaps = swaps
     return bank
 
@@ -445,6 +531,7 @@ class _Merge:
     carrier: object
     saved: dict[str, torch.Tensor]  # path -> the base entries W[rows][:, cols] before the merge
     fingerprint: str | None
+    dense: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None  # name -> (parameter, value before)
 
 
 #: model -> its merged carriers, oldest first (no attribute is added to the model)
@@ -475,7 +562,7 @@ def merge_carrier_(model: nn.Module, carrier, allow_fingerprint_mismatch: bool =
     """Add ``carrier`` into the model's projection weights in place (zero inference overhead).
 
     Each touched entry becomes ``B + Δ`` computed in at least fp32 and rounded once to the weight's
-    dtype. The overwritten base entries are kept (the carrier's size) so that
+    dtype; each dense part's parameter takes the carrier's value (its base value is kept). The overwritten base entries are kept (the carrier's size) so that
     :func:`unmerge_carrier_` restores them bit for bit. Several carriers may be merged; unmerge
     them in reverse order. The first merge checks the carrier against the model (family,
     dimensions, base-weight fingerprint); later ones against that verified base.
@@ -495,7 +582,12 @@ def merge_carrier_(model: nn.Module, carrier, allow_fingerprint_mismatch: bool =
             if not allow_fingerprint_mismatch and base_fp is not None and carrier.base_fingerprint != base_fp:
                 raise ValueError(f"{op}: the carrier's base fingerprint {carrier.base_fingerprint} differs from "
                                  f"the base the merged carriers were checked against ({base_fp})")
+    from .loading import dense_targets
+
     targets = _merge_targets(model, carrier, op)  # everything checked before anything changes
+    dense = {name: (p, p.detach().clone()) for name, p in dense_targets(model, carrier, op).items()}
+    for name, (p, _) in dense.items():
+        p.data.copy_(carrier.dense[name])
     saved = {}
     for path, w, m in targets:
         delta, rows, cols = _parts(m)
@@ -506,7 +598,7 @@ def merge_carrier_(model: nn.Module, carrier, allow_fingerprint_mismatch: bool =
         w[r, c] = (old.to(acc) + delta.to(w.device, acc)).to(w.dtype)
         saved[path] = old
     fp = stack[0].fingerprint if stack else getattr(carrier, "base_fingerprint", None)
-    _MERGED[model] = stack + [_Merge(carrier, saved, fp)]
+    _MERGED[model] = stack + [_Merge(carrier, saved, fp, dense)]
     return model
 
 
@@ -527,6 +619,8 @@ def unmerge_carrier_(model: nn.Module, carrier) -> nn.Module:
         delta, rows, cols = _parts(m)
         w = model.get_submodule(path).weight
         w[rows.to(w.device, torch.long)[:, None], cols.to(w.device, torch.long)[None, :]] = merge.saved[path]
+    for p, before in (merge.dense or {}).values():
+        p.data.copy_(before)
     if not stack:
         del _MERGED[model]
     return model

@@ -31,18 +31,13 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from torch import nn
 
-from .. import _checks
 from ..models.families import (
     FAMILIES,
     GROUP_SOURCE,
-    GROUPS,
     Dims,
     Family,
     expand_gqa,
-    family_of_model_type,
-    get_family,
     get_submodule,
     module_paths,
     sparsity_stats,

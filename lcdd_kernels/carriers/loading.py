@@ -77,11 +77,9 @@ def _is_int(v) -> bool:
 
 
 def _is_num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _dtype_name(d: torch.dtype) -> str:
-    return str(d).replace("torch.", "")
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    return abs(v) < 2**53 if isinstance(v, int) else math.isfinite(v)  # float(10**400) would raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,8 +183,6 @@ def dense_shape_rule(c_family: str, dims: Dims, name: str) -> tuple[int, ...] | 
             for proj in fam.projections:
                 if rest[1] == f"{proj.path}.bias":
                     return (dims.shape(proj)[0],)
-    if name.endswith("norm.weight"):
-        return None  # hidden_size, or head_dim for per-head (q/k) norms: checked by the caller
     return None
 
 

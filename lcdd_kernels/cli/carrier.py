@@ -42,6 +42,14 @@ def _load_checkpoint_weights(model, ck: Path) -> None:
     if unknown or not any(k.endswith("lcdd_masks.theta") for k in weights):
         raise ValueError(f"{f} does not belong to this LCDD model (unexpected keys {unknown[:3]}, "
                          "or no mask logits: is it a train-sft checkpoint?)")
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    if set(weights) != trainable:
+        # the run trained norms/biases (non_projection="sft") or not ("base"): extract the same way
+        extra, missing = sorted(set(weights) - trainable), sorted(trainable - set(weights))
+        mode = "sft" if extra else "base"
+        raise ValueError(f"{f} was trained with another --non-projection mode than this extraction (the checkpoint "
+                         f"{'also holds ' + str(extra[:2]) if extra else 'lacks ' + str(missing[:2])}); "
+                         f"pass --non-projection {mode}")
     with torch.no_grad():
         for k, t in weights.items():
             if tuple(t.shape) != tuple(params[k].shape):
@@ -98,11 +106,15 @@ def run_inspect(args) -> int:
     c = load_carrier(args.dir)
     stats, n = c.stats(), c.num_parameters()
     elem = c.dtype.itemsize
-    size = {"carrier_bytes": n["carrier"] * elem, "projection_bytes": n["projections"] * elem, **n}
+    nbytes = c.nbytes()
+    dense = {name: {"shape": list(t.shape), "bytes": t.numel() * t.element_size()} for name, t in c.dense.items()}
+    size = {"carrier_bytes": n["carrier"] * elem, "projection_bytes": n["projections"] * elem,
+            "stored_bytes": nbytes, "dense_share_of_bytes": nbytes["dense"] / nbytes["total"] if nbytes["total"] else 0.0,
+            **n}
     if args.json:
         print(json.dumps({"model_type": c.family, "dims": c.dims.to_dict(), "dtype": str(c.dtype).replace("torch.", ""),
                           "base_model": {"name_or_path": c.base_name, "fingerprint": c.base_fingerprint},
-                          "size": size, "sparsity": stats}, indent=2))
+                          "size": size, "dense_parameters": dense, "sparsity": stats}, indent=2))
         return 0
     d = c.dims
     print(f"carrier {args.dir}")
@@ -111,6 +123,21 @@ def run_inspect(args) -> int:
     print(f"  base: {c.base_name or '(name unknown)'}  {c.base_fingerprint[:23]}…")
     print(f"  size: {n['carrier']:,} delta entries, {size['carrier_bytes'] / 2**20:.2f} MiB = {n['ratio']:.2%} of the "
           f"projection weights ({size['projection_bytes'] / 2**20:.1f} MiB)")
+    if dense:
+        print(f"  dense parts: {len(dense)} parameters, {n['dense']:,} values, {nbytes['dense'] / 2**20:.3f} MiB = "
+              f"{size['dense_share_of_bytes']:.1%} of the carrier's {nbytes['total'] / 2**20:.3f} MiB")
+        kinds = {}
+        for name, info in dense.items():
+            kind = ("bias" if name.endswith(".bias") else "norm" if "norm" in name.rsplit(".", 2)[-2]
+                    else name)
+            k = kinds.setdefault(kind, [0, 0])
+            k[0] += 1
+            k[1] += info["bytes"]
+        for kind, (count, b) in kinds.items():
+            print(f"    {kind}: {count} tensor{'s' if count > 1 else ''}, {b / 2**10:.1f} KiB "
+                  f"({b / nbytes['total']:.1%} of the bytes)")
+    else:
+        print("  dense parts: none (a strictly sparse carrier)")
     print(f"  masks on (active/total, sparsity = share off): overall {_fmt(stats['overall'])}\n")
     rows = [["layer"] + list(GROUPS) + ["all"]]
     for i, layer in enumerate(stats["layers"]):

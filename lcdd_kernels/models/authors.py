@@ -1,5 +1,11 @@
 """Import the mask checkpoints of the authors' code: ``l0_masks.pt`` (state dict with key ``theta``,
-the flat layout of SPEC §2) and ``l0_config.json`` (``n_masks``, dual settings and state)."""
+the flat layout of SPEC §2) and ``l0_config.json`` (``n_masks``, dual settings and state).
+
+Their parametrisation (yuplin2333/sft-reverse, ``training/gated_model_simple.py``) masks only the
+projection weights, ``W_final = (w_base + (row ⊗ col)·(w − w_base)).to(w.dtype)`` with a flat
+Heaviside straight-through θ; norms and biases train, embed_tokens and lm_head are frozen. Patch with
+``apply_lcdd(sft, base, non_projection="sft")`` (the default) to reproduce their LCDD model;
+tests/lcdd_reference.py ``AuthorsLCDD`` re-states their code for the equality tests."""
 
 from __future__ import annotations
 

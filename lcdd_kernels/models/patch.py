@@ -186,7 +186,7 @@ class LCDDHandle:
                 out[name] = v
         for name in self._frozen_changed:
             v = full_tensor(params[name].detach())
-            log.warning("the carrier stores %s densely (%s, %.1f MiB): the SFT model changed it; train SFT with "
+            log.warning("the carrier stores %s densely (%s, %.3f MiB): the SFT model changed it; train SFT with "
                         "embeddings and lm_head frozen (the authors' recipe) to keep carriers small",
                         name, "x".join(map(str, v.shape)), v.numel() * v.element_size() / 2**20)
             out[name] = v
