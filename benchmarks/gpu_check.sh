@@ -8,13 +8,12 @@
 # /opt/torch/.venv/bin/python3 when present (override with PYTHON=...), nothing is installed, the
 # package runs from the source tree (PYTHONPATH). Every stage runs under `timeout` inside one
 # overall budget; a failed or timed-out stage is recorded and the next one still runs.
-# What comes back (at most 9 files): summary.txt (one line per stage: exit status, seconds),
-# log.txt (every stage's output), training-gpu.json, designs-gpu.json (Triton fused vs split),
-# <suite>-gpu.json for each hook suite (carrier, eraser, lcdd-step), serving-gpu.json where vLLM
-# is installed, and kernels-gpu.json (the kernel check on the device against the driver, and every
-# measured kernel as a fraction of its roofline floor). The device tool returns 8 files: with vLLM
-# installed one is left out. The training plot is drawn from training-gpu.json afterwards
-# (`lcdd bench plot training-gpu.json`), not here.
+# What comes back (at most 8 files, the device tool's limit): log.txt (first the summary, one line
+# per stage: exit status, seconds; then every stage's output), training-gpu.json, designs-gpu.json
+# (Triton fused vs split), <suite>-gpu.json for each hook suite (carrier, eraser, lcdd-step),
+# serving-gpu.json where vLLM is installed, and kernels-gpu.json (the kernel check on the device
+# against the driver, and every measured kernel as a fraction of its roofline floor). The training
+# plot is drawn from training-gpu.json afterwards (`lcdd bench plot training-gpu.json`), not here.
 set -u
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -25,7 +24,7 @@ PY=${PYTHON:-/opt/torch/.venv/bin/python3}
 [ -x "$PY" ] || PY=$(command -v python3)
 BUDGET_S=${GPU_CHECK_BUDGET_S:-465}   # 8 minutes, less a margin for copying results back
 START=$(date +%s)
-SUMMARY=$OUT/summary.txt
+SUMMARY=$OUT/summary.tmp   # folded into the head of log.txt at the end
 LOG=$OUT/log.txt
 : >"$SUMMARY"
 : >"$LOG"
@@ -34,7 +33,7 @@ export LCDD_CUDA_ARCHS=${LCDD_CUDA_ARCHS:-90}
 LCDD=("$PY" -m lcdd_kernels.cli)
 
 # stage NAME CAP_SECONDS COMMAND...: runs COMMAND under timeout (CAP, clipped to the time left),
-# appends its output to log.txt and one status line to summary.txt. Never stops the script.
+# appends its output to log.txt and one status line to the summary (the head of log.txt). Never stops the script.
 stage() {
     local name=$1 cap=$2
     shift 2
@@ -147,6 +146,7 @@ part = lambda name: json.loads((out / name).read_text()) if (out / name).exists(
 PYEOF
 rm -rf "$KC_TMP"
 
-rm -f "$OUT"/*.tmp  # a results file interrupted mid-write, and the parts merged above
 echo "total: $(($(date +%s) - START))s of ${BUDGET_S}s" >>"$SUMMARY"
+{ echo "===== summary"; cat "$SUMMARY"; echo; cat "$LOG"; } >"$OUT/log.new" && mv "$OUT/log.new" "$LOG"
 cat "$SUMMARY"
+rm -f "$OUT"/*.tmp  # a results file interrupted mid-write, the parts merged above, the summary

@@ -17,6 +17,11 @@ import subprocess
 KNOWN_SPILLS = {
     ("void (anonymous namespace)::carrier_kernel<float, 16, false>", "sm_80"): 12,
     ("void (anonymous namespace)::carrier_kernel<float, 8, false>", "sm_80"): 8,
+    # The same fp32 add path on sm_90 (nvcc 13.0, as the check compiles it): 8 B stores / 16 B
+    # loads at 56 registers and 4 B / 4 B at 40. Rolling the gather loops or capping fp32 at 8
+    # tokens a block moved the spill to the half-type instantiations instead; open.
+    ("void (anonymous namespace)::carrier_kernel<float, 16, false>", "sm_90"): 24,
+    ("void (anonymous namespace)::carrier_kernel<float, 2, false>", "sm_90"): 8,
 }
 
 _FUNC = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+a?)'")

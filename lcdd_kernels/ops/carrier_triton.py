@@ -92,6 +92,8 @@ def carrier_add_(y: torch.Tensor, x: torch.Tensor, views: torch.Tensor, tok: tor
     bk = 32 if x.element_size() == 2 else 16
     if dot == _DOT_FP64:
         bm = min(bm, 32)
+    elif dot == _DOT_IEEE:
+        bm = min(bm, 64)  # fp32 FMA copies of a 128-token x tile spilled 8 B at 255 registers on sm_80
     grid = (n_slots, triton.cdiv(n_tok, bm), triton.cdiv(max_rows, bn))
     _carrier_add_kernel[grid](
         x, y, views, tok if tok is not None else seg, seg, x.stride(0), y.stride(0),
