@@ -96,8 +96,9 @@ _GEMM_SHAPES = [
 _SWIGLU_SHAPES = [(16, 64, 32, 4, 3), (32, 64, 32, 4, 3), (64, 64, 32, 8, 3), (128, 32, 32, 8, 3)]
 #: dW: the P tile's accumulator, then the epilogue holds P, W and B tiles at once (3·BN·BK /
 #: threads registers): 8 warps for the 128-wide tiles.
-#: (BLOCK_N 128, BLOCK_K 64) steps 32 tokens: with 64 its fp32/TF32 build spilled 8 B on sm_80.
-_DW_SHAPES = [(64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 64, 32, 8, 3), (128, 128, 32, 8, 3)]
+#: No (BLOCK_N 128, BLOCK_K 64) tile: its fp32/TF32 build spilled 8 B at 128 registers on sm_80
+#: whether it stepped 64 or 32 tokens (lcdd check-kernels).
+_DW_SHAPES = [(64, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 32, 8, 3)]
 #: fp32 without TF32 (``DOT_PRECISION="ieee"``) has no tensor-core MMA: ``tl.dot`` becomes FMAs
 #: on register copies of both operand tiles (rows of x × BK and BK × columns of W_eff per
 #: thread), so the reduction step must be short. On the tiles above, fp32 "ieee" spilled at
