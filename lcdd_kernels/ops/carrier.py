@@ -251,23 +251,19 @@ def _table_dx(gy, x_shape, base_weight, ids, deltas, rows, cols):
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op("lcdd::bank_linear", mutates_args=(), device_types="cpu")
-def _op_bank_cpu(x: torch.Tensor, base_weight: torch.Tensor, bias: torch.Tensor | None,
-                 carrier_ids: torch.Tensor | None, views: torch.Tensor, deltas: list[torch.Tensor],
-                 rows: list[torch.Tensor], cols: list[torch.Tensor], max_rows: int, backend: str) -> torch.Tensor:
+@torch.library.custom_op("lcdd::bank_linear", mutates_args=(), device_types=("cpu", "cuda"))
+def _op_bank(x: torch.Tensor, base_weight: torch.Tensor, bias: torch.Tensor | None,
+             carrier_ids: torch.Tensor | None, views: torch.Tensor, deltas: list[torch.Tensor],
+             rows: list[torch.Tensor], cols: list[torch.Tensor], max_rows: int, backend: str) -> torch.Tensor:
     """The carriers of one projection as a :class:`CarrierTable` (``views`` with its ``deltas``,
     ``rows``, ``cols`` and ``max_rows``); ``carrier_ids`` (T,) int32 per token (−1: none), or
-    None for slot 0 on every token. CPU: the C++ carrier add after PyTorch's GEMM, or torch."""
+    None for slot 0 on every token. One implementation for both devices: ``backend`` picks the
+    code (CUDA: the fused GEMV of ``_C`` for decode, cuBLAS + the Triton carrier add, or torch;
+    CPU: the C++ carrier add after PyTorch's GEMM, or torch)."""
     return _table_forward(x, base_weight, bias, carrier_ids, views, deltas, rows, cols, max_rows, backend)
 
 
-@_op_bank_cpu.register_kernel("cuda")
-def _op_bank_cuda(x, base_weight, bias, carrier_ids, views, deltas, rows, cols, max_rows, backend):
-    """CUDA: the fused GEMV of ``_C`` (decode), cuBLAS + the Triton carrier add, or torch."""
-    return _table_forward(x, base_weight, bias, carrier_ids, views, deltas, rows, cols, max_rows, backend)
-
-
-@_op_bank_cpu.register_fake
+@_op_bank.register_fake
 def _(x, base_weight, bias, carrier_ids, views, deltas, rows, cols, max_rows, backend):
     return x.new_empty(*x.shape[:-1], base_weight.shape[0])
 
@@ -287,7 +283,7 @@ def _bank_grad(ctx, gy):
     return dx, None, None, None, None, [None] * s, [None] * s, [None] * s, None, None
 
 
-_op_bank_cpu.register_autograd(_bank_grad, setup_context=_bank_setup)
+_op_bank.register_autograd(_bank_grad, setup_context=_bank_setup)
 
 
 def _one_slot(x, base_weight, delta, rows, cols, backend):
@@ -300,20 +296,15 @@ def _carrier_forward(x, base_weight, delta, rows, cols, bias, backend):
     return _table_forward(x, base_weight, bias, None, t.views, t.deltas, t.rows, t.cols, t.max_rows, backend)
 
 
-@torch.library.custom_op("lcdd::carrier_linear", mutates_args=(), device_types="cpu")
-def _op_carrier_cpu(x: torch.Tensor, base_weight: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor,
-                    cols: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+@torch.library.custom_op("lcdd::carrier_linear", mutates_args=(), device_types=("cpu", "cuda"))
+def _op_carrier(x: torch.Tensor, base_weight: torch.Tensor, delta: torch.Tensor, rows: torch.Tensor,
+                cols: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
     """One carrier on every token; builds its one-slot table per call (a host-to-device copy on a
-    GPU: modules and banks build theirs once and call ``bank_linear``)."""
+    GPU: modules and banks build theirs once and call ``bank_linear``). Both devices, as bank_linear."""
     return _carrier_forward(x, base_weight, delta, rows, cols, bias, backend)
 
 
-@_op_carrier_cpu.register_kernel("cuda")
-def _op_carrier_cuda(x, base_weight, delta, rows, cols, bias, backend):
-    return _carrier_forward(x, base_weight, delta, rows, cols, bias, backend)
-
-
-@_op_carrier_cpu.register_fake
+@_op_carrier.register_fake
 def _(x, base_weight, delta, rows, cols, bias, backend):
     return x.new_empty(*x.shape[:-1], base_weight.shape[0])
 
@@ -331,7 +322,7 @@ def _carrier_grad(ctx, gy):
     return _table_dx(gy, x_shape, base_weight, None, [delta], [rows], [cols]), None, None, None, None, None, None
 
 
-_op_carrier_cpu.register_autograd(_carrier_grad, setup_context=_carrier_setup)
+_op_carrier.register_autograd(_carrier_grad, setup_context=_carrier_setup)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,20 +49,15 @@ def _forward_into(name, out, hidden, positions, channels):
 # and torch.ops.lcdd.gather_channels_out (into a caller's buffer, no gradient).
 
 
-@torch.library.custom_op("lcdd::gather_channels", mutates_args=(), device_types="cpu")
-def _op_gather_cpu(hidden: torch.Tensor, positions: torch.Tensor, channels: torch.Tensor, backend: str) -> torch.Tensor:
-    """positions (B,) int64, channels (C,) contiguous int32/int64, checked already. CPU: the C++
-    gather of ``_C`` (or torch)."""
+@torch.library.custom_op("lcdd::gather_channels", mutates_args=(), device_types=("cpu", "cuda"))
+def _op_gather(hidden: torch.Tensor, positions: torch.Tensor, channels: torch.Tensor, backend: str) -> torch.Tensor:
+    """positions (B,) int64, channels (C,) contiguous int32/int64, checked already. One
+    implementation for both devices: ``backend`` picks the code (CUDA: the Triton gather; CPU:
+    the C++ gather of ``_C``; either: torch)."""
     return _forward_into(backend, hidden.new_empty(hidden.shape[0], channels.numel()), hidden, positions, channels)
 
 
-@_op_gather_cpu.register_kernel("cuda")
-def _op_gather_cuda(hidden, positions, channels, backend):
-    """CUDA: the Triton gather (or torch)."""
-    return _forward_into(backend, hidden.new_empty(hidden.shape[0], channels.numel()), hidden, positions, channels)
-
-
-@_op_gather_cpu.register_fake
+@_op_gather.register_fake
 def _(hidden, positions, channels, backend):
     return hidden.new_empty(hidden.shape[0], channels.shape[0])
 
@@ -81,7 +76,7 @@ def _gather_grad(ctx, grad):
     return gh, None, None, None
 
 
-_op_gather_cpu.register_autograd(_gather_grad, setup_context=_gather_setup)
+_op_gather.register_autograd(_gather_grad, setup_context=_gather_setup)
 
 
 @torch.library.custom_op("lcdd::gather_channels_out", mutates_args=("out",), device_types=("cpu", "cuda"))

@@ -183,7 +183,9 @@ def _graph_is_kept() -> bool:
 # Registered ops (torch.ops.lcdd.*). The public functions below validate their arguments, apply
 # autocast and pick the backend, then call these; the ops themselves only compute, so that
 # torch.compile sees one opaque node per projection (its fake implementation gives the shapes)
-# and every backend's gradient comes from the same registered backward.
+# and every backend's gradient comes from the same registered backward. Each op has one
+# implementation for both devices (device_types="cpu", "cuda"): the ``backend`` argument, not the
+# device, picks the code, and the dispatcher still refuses any other device.
 # ---------------------------------------------------------------------------------------------
 
 
@@ -233,20 +235,16 @@ def _linear_backward(gy, x, weight, base, r, c, need, backend):
             dr.to(r.dtype) if nr else _empty_grad(r), dc.to(c.dtype) if nc else _empty_grad(c))
 
 
-@torch.library.custom_op("lcdd::masked_delta_linear", mutates_args=(), device_types="cpu")
-def _op_linear_cpu(x: torch.Tensor, weight: torch.Tensor, base: torch.Tensor, r: torch.Tensor,
-                   c: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
-    """CPU: the torch backend (or Triton under the interpreter, for tests). r, c in x's dtype."""
+@torch.library.custom_op("lcdd::masked_delta_linear", mutates_args=(), device_types=("cpu", "cuda"))
+def _op_linear(x: torch.Tensor, weight: torch.Tensor, base: torch.Tensor, r: torch.Tensor,
+               c: torch.Tensor, bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    """r, c in x's dtype. One kernel for both devices: ``backend`` (chosen by the public wrapper)
+    says which code runs, on CUDA the Triton kernels, on the CPU the torch backend (or Triton
+    under the interpreter, for tests)."""
     return _linear_forward(x, weight, base, r, c, bias, backend)
 
 
-@_op_linear_cpu.register_kernel("cuda")
-def _op_linear_cuda(x, weight, base, r, c, bias, backend):
-    """CUDA: the Triton kernels (or the torch backend when asked for)."""
-    return _linear_forward(x, weight, base, r, c, bias, backend)
-
-
-@_op_linear_cpu.register_fake
+@_op_linear.register_fake
 def _(x, weight, base, r, c, bias, backend):
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
@@ -279,7 +277,7 @@ def _linear_grad(ctx, gy):
     return (dx if nx else None, dw if nw else None, None, dr if nr else None, dc if nc else None, db, None)
 
 
-_op_linear_cpu.register_autograd(_linear_grad, setup_context=_linear_setup)
+_op_linear.register_autograd(_linear_grad, setup_context=_linear_setup)
 
 
 def _swiglu_forward(x, wg, bg, wu, bu, r, c, backend):
@@ -323,10 +321,10 @@ def _swiglu_backward(dh, x, wg, bg, wu, bu, r, c, gu, need, overwrite, backend):
             dwu if nwu else _empty_grad(wu), dr if nr else _empty_grad(r), dc if nc else _empty_grad(c))
 
 
-@torch.library.custom_op("lcdd::masked_delta_swiglu", mutates_args=(), device_types="cpu")
-def _op_swiglu_cpu(x: torch.Tensor, gate_weight: torch.Tensor, gate_base: torch.Tensor, up_weight: torch.Tensor,
-                   up_base: torch.Tensor, r: torch.Tensor, c: torch.Tensor, backend: str,
-                   gu_scratch: bool) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("lcdd::masked_delta_swiglu", mutates_args=(), device_types=("cpu", "cuda"))
+def _op_swiglu(x: torch.Tensor, gate_weight: torch.Tensor, gate_base: torch.Tensor, up_weight: torch.Tensor,
+               up_base: torch.Tensor, r: torch.Tensor, c: torch.Tensor, backend: str,
+               gu_scratch: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, gu): h = silu(g) ⊙ u (..., F) and the pre-activations gu (T, 2, F) that backward reads
     (a second output so that it is saved, not recomputed; it is not differentiable).
     ``gu_scratch=True`` lets an eager backward write its gradients over gu (one (T, 2, F) buffer
@@ -334,12 +332,7 @@ def _op_swiglu_cpu(x: torch.Tensor, gate_weight: torch.Tensor, gate_base: torch.
     return _swiglu_forward(x, gate_weight, gate_base, up_weight, up_base, r, c, backend)
 
 
-@_op_swiglu_cpu.register_kernel("cuda")
-def _op_swiglu_cuda(x, gate_weight, gate_base, up_weight, up_base, r, c, backend, gu_scratch):
-    return _swiglu_forward(x, gate_weight, gate_base, up_weight, up_base, r, c, backend)
-
-
-@_op_swiglu_cpu.register_fake
+@_op_swiglu.register_fake
 def _(x, gate_weight, gate_base, up_weight, up_base, r, c, backend, gu_scratch):
     f = gate_weight.shape[0]
     t = math.prod(x.shape[:-1])
@@ -395,7 +388,7 @@ def _swiglu_grad(ctx, dh, _dgu):
             dr if nr else None, dc if nc else None, None, None)
 
 
-_op_swiglu_cpu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
+_op_swiglu.register_autograd(_swiglu_grad, setup_context=_swiglu_setup)
 
 
 # ---------------------------------------------------------------------------------------------
