@@ -1,7 +1,9 @@
 """Masked-delta projection (SPEC §1): ``y = x·W_effᵀ + b``, ``W_eff = B + (r cᵀ) ⊙ (W − B)``.
 
-Layout of this module, in order: the literal references, the lean PyTorch backend (an autograd
-Function that recomputes ``W_eff`` in row blocks instead of saving it), argument checks, and the
+Layout of this module, in order: the literal references, the lean PyTorch backend (forward and
+backward helpers that rebuild ``W_eff`` in row blocks instead of saving it), the registered ops
+``torch.ops.lcdd.masked_delta_{linear,swiglu}`` with their backward ops (one opaque node per
+projection for torch.compile; the torch and Triton backends behind them), argument checks, and the
 public functions that dispatch between ``triton`` / ``torch`` / ``reference``.
 
 Memory contract (what makes LCDD cost one frozen weight copy over plain SFT): no backend saves
@@ -158,8 +160,9 @@ def _swiglu_grads_into(dgu, dh, gu):
 
 
 def swiglu_grads(dx, gate, up, r, c, need_r, need_c):
-    """The SwiGLU Function's backward result (x, Wg, Bg, Wu, Bu, r, c) from dx and the gate's and
-    up's (dW, dr, dc): the two projections share the masks, so their mask gradients add."""
+    """The SwiGLU backward's gradients (x, Wg, Bg, Wu, Bu, r, c) from dx and the gate's and up's
+    (dW, dr, dc): the two projections share the masks, so their mask gradients add. (The layout of
+    an autograd Function's backward: masked_delta_triton's Function returns it as is.)"""
     (dwg, drg, dcg), (dwu, dru, dcu) = gate, up
     return (
         dx,
