@@ -14,6 +14,7 @@ traced and is not guarded: set it before the first compiled call (or ``torch._dy
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 from typing import Iterator, Sequence
@@ -72,18 +73,30 @@ def requested() -> str | None:
 _found: dict[str, bool] = {}
 
 
-# What is installed never changes within a process: Dynamo calls these once while tracing and
-# keeps the answer as a constant (no import statement and no cache lookup in the traced code).
+def _once(probe):
+    """Run a no-argument probe once per process and keep its answer. A plain function rather than
+    functools.cache: Dynamo traces through a functools cache wrapper instead of calling it, while a
+    plain function marked ``assume_constant_result`` is called once per trace and its answer kept
+    as a constant (no import statement and no cache lookup in the traced code)."""
+
+    @functools.wraps(probe)
+    def cached() -> bool:
+        if probe.__name__ not in _found:
+            _found[probe.__name__] = probe()
+        return _found[probe.__name__]
+
+    return cached
+
+
+# What is installed never changes within a process.
 @torch.compiler.assume_constant_result
+@_once
 def triton_available() -> bool:
-    if "triton" not in _found:
-        try:
-            import triton  # noqa: F401
-        except Exception:
-            _found["triton"] = False
-        else:
-            _found["triton"] = True
-    return _found["triton"]
+    try:
+        import triton  # noqa: F401
+    except Exception:  # a broken Triton install raises more than ImportError
+        return False
+    return True
 
 
 def triton_interpret() -> bool:
@@ -91,28 +104,24 @@ def triton_interpret() -> bool:
 
 
 @torch.compiler.assume_constant_result
+@_once
 def native_available() -> bool:
     """True when the compiled extension ``lcdd_kernels._C`` imports."""
-    if "native" not in _found:
-        try:
-            from . import _C  # noqa: F401
-        except ImportError:
-            _found["native"] = False
-        else:
-            _found["native"] = True
-    return _found["native"]
+    try:
+        from . import _C  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 @torch.compiler.assume_constant_result
+@_once
 def native_has_cuda() -> bool:
-    if "native_cuda" not in _found:
-        ok = native_available()
-        if ok:
-            from . import _C
+    if not native_available():
+        return False
+    from . import _C
 
-            ok = bool(_C.has_cuda())
-        _found["native_cuda"] = ok
-    return _found["native_cuda"]
+    return bool(_C.has_cuda())
 
 
 def _usable(name: str, device: torch.device) -> str | None:
