@@ -49,6 +49,16 @@ def shape(op: str, name: str, t: torch.Tensor, expected: Sequence[int], meaning:
         raise ValueError(f"{op}: {name} must have shape {exp} {meaning}, got {_shape(t)}")
 
 
+def in_features(op: str, name: str, x: torch.Tensor, weight_name: str, weight: torch.Tensor) -> None:
+    """``x`` (..., K) against an (N, K) weight: its last dimension must be K."""
+    n, k = weight.shape
+    if x.shape[-1] != k:
+        raise ValueError(
+            f"{op}: {name} has shape {_shape(x)} ({x.shape[-1]} features in its last dimension) but "
+            f"{weight_name} has K = {k} input features (shape ({n}, {k})); {name} must be (..., {k})"
+        )
+
+
 def same_dtype(op: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor | None) -> None:
     for name, t in others.items():
         if t is not None and t.dtype != ref.dtype:

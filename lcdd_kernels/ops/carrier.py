@@ -337,13 +337,10 @@ def _check_linear(op, x, base_weight, bias):
     _checks.ndim(op, "base_weight", base_weight, 2, "(N, K)")
     _checks.same_dtype(op, "x", x, base_weight=base_weight, bias=bias)
     _checks.same_device(op, "x", x, base_weight=base_weight, bias=bias)
-    n, k = base_weight.shape
-    if x.shape[-1] != k:
-        raise ValueError(f"{op}: x has shape {tuple(x.shape)} but base_weight has K = {k} input features "
-                         f"(shape ({n}, {k})); x must be (..., {k})")
+    _checks.in_features(op, "x", x, "base_weight", base_weight)
     if bias is not None:
         _checks.floating(op, "bias", bias)
-        _checks.shape(op, "bias", bias, (n,), "(one per output row)")
+        _checks.shape(op, "bias", bias, (base_weight.shape[0],), "(one per output row)")
 
 
 def _check_carrier(op, x, base_weight, delta, rows, cols):
@@ -473,11 +470,9 @@ def bank_linear(x, base_weight, bank, module_name, carrier_ids, bias=None, *, ba
     op = "bank_linear"
     _check_linear(op, x, base_weight, bias)
     n_tok = math.prod(x.shape[:-1])
-    _checks.tensor(op, "carrier_ids", carrier_ids)
-    if carrier_ids.dtype not in _checks.INDEX_DTYPES:
-        raise TypeError(f"{op}: carrier_ids must be int32 or int64, got {carrier_ids.dtype}")
+    # ids are −1 or a carrier of the bank, not indices into a range: the bank checks their values
+    _checks.index_tensor(op, "carrier_ids", carrier_ids, None, x.device, "(one carrier id per token)")
     _checks.shape(op, "carrier_ids", carrier_ids, (n_tok,), f"(one carrier id per token: x holds {n_tok})")
-    _checks.same_device(op, "x", x, carrier_ids=carrier_ids)
     checked = check_ids and not torch.compiler.is_compiling()
     if checked:
         bank.check_ids(carrier_ids, op)

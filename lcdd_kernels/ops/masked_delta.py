@@ -431,13 +431,8 @@ def _check_projection(op, x, pairs, row_mask, col_mask, bias=None, row_name="row
         _checks.no_grad_required(op, bn, b, "the base weight is frozen and never gets a gradient")
         _checks.same_dtype(op, "x", x, **{wn: w, bn: b})
         _checks.same_device(op, "x", x, **{wn: w, bn: b})
+    _checks.in_features(op, "x", x, w_name, w0)
     n, k = w0.shape
-    if x.shape[-1] != k:
-        raise ValueError(
-            f"{op}: x has shape {tuple(x.shape)} ({x.shape[-1]} features in its last dimension) "
-            f"but {w_name} has K = {k} "
-            f"input features (shape ({n}, {k})); x must be (..., {k})"
-        )
     for name, m, length, what in ((row_name, row_mask, n, "N, one per output row"),
                                   (col_name, col_mask, k, "K, one per input column")):
         _checks.floating(op, name, m)
