@@ -295,6 +295,29 @@ def test_unchecked_ids_outside_the_bank_mean_the_base(backend):
         assert_close(f"{backend} dx", xg.grad, x64.grad)
 
 
+def test_autocast_runs_in_the_autocast_dtype():
+    """Under autocast x arrives in the autocast dtype while the weights stay fp32 (as nn.Linear
+    gets them): both ops cast the weights as F.linear would, instead of refusing the mix, and
+    give what the same call on bf16 tensors gives (they raised 'base_weight has dtype
+    torch.float32 but x has torch.bfloat16')."""
+    n, k, t = 13, 11, 6
+    x, base, bias = make_x(t, n, k)
+    delta, rows, cols = make_carrier(n, k, "sparse")
+    bank, _ = make_bank(n, k, dtype=torch.bfloat16, device="cpu")  # a bank serves one dtype
+    ids = torch.arange(t) % 5 - 1
+    bf = torch.bfloat16
+    for backend in [b for b in BACKENDS if b != "triton"]:  # CPU autocast: CPU tensors
+        want_c = L.carrier_linear(x.to(bf), base.to(bf), delta.to(bf), rows, cols, bias.to(bf), backend=backend)
+        want_b = L.bank_linear(x.to(bf), base.to(bf), bank, "proj", ids, bias.to(bf), backend=backend)
+        with torch.autocast("cpu", dtype=bf):
+            h = x.to(bf)  # as a previous autocast op hands it on
+            got_c = L.carrier_linear(h, base, delta, rows, cols, bias, backend=backend)
+            got_b = L.bank_linear(h, base, bank, "proj", ids, bias, backend=backend)
+        assert got_c.dtype == bf and got_b.dtype == bf, backend
+        assert torch.equal(got_c, want_c), backend
+        assert torch.equal(got_b, want_b), backend
+
+
 # ----- dispatch and the package without _C -------------------------------------------------------
 
 

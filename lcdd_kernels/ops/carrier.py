@@ -433,10 +433,11 @@ def carrier_linear(x, base_weight, delta, rows, cols, bias=None, *, backend=None
         :class:`~lcdd_kernels.CarrierBank` do both once per carrier instead.
     """
     op = "carrier_linear"
+    # before the checks, as masked_delta_linear: under autocast x comes in the autocast dtype
+    x, base_weight, delta, bias = _autocast(x, base_weight, delta, bias)
     _check_linear(op, x, base_weight, bias)
     if not torch.compiler.is_compiling():  # data-dependent checks: eager only
         _check_carrier(op, x, base_weight, delta, rows, cols)
-    x, base_weight, delta, bias = _autocast(x, base_weight, delta, bias)
     name = _select(op, x, math.prod(x.shape[:-1]), backend)
     if name == "reference":
         return carrier_linear_ref(x, base_weight, delta, rows, cols, bias)
@@ -468,6 +469,7 @@ def bank_linear(x, base_weight, bank, module_name, carrier_ids, bias=None, *, ba
         ``torch.ops.lcdd.bank_linear``, which takes the bank's table of this projection.
     """
     op = "bank_linear"
+    x, base_weight, bias = _autocast(x, base_weight, bias)  # before the checks (see carrier_linear)
     _check_linear(op, x, base_weight, bias)
     n_tok = math.prod(x.shape[:-1])
     # ids are −1 or a carrier of the bank, not indices into a range: the bank checks their values
