@@ -100,3 +100,48 @@ def test_occupancy_limits():
     assert occupancy.occupancy(80, 32, 100 * 1024, 4)["blocks_per_sm"] == 1
     # more than a block may have cannot launch at all
     assert occupancy.occupancy(80, 32, 200 * 1024, 4)["blocks_per_sm"] == 0
+
+
+_KEYED = '''
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _helper(x):
+    return x * {scale}
+
+
+@triton.jit
+def _kernel(x_ptr):
+    tl.store(x_ptr, _helper(tl.load(x_ptr)))
+'''
+
+
+def _import(path, name, text):
+    import importlib.util
+    import sys
+
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cache_key_ignores_where_a_kernel_sits_but_not_what_it_says(tmp_path, monkeypatch):
+    from lcdd_kernels.kernel_check.runner import source_keys
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # JITFunctions, as the check's recording process has
+
+    names = ("_helper", "_kernel")
+    variants = {"same": _KEYED.format(scale=2), "moved": "# a config list grew\n" * 7 + _KEYED.format(scale=2),
+                "helper edited": _KEYED.format(scale=3)}
+    mods = {v: _import(tmp_path / f"kc_key_{i}.py", f"kc_key_{i}", text) for i, (v, text) in enumerate(variants.items())}
+    # Triton's own key moves with the line (what recompiled most of the check on a config-list edit)
+    assert mods["same"]._kernel.cache_key != mods["moved"]._kernel.cache_key
+    keys = {v: source_keys([(m.__name__, n) for n in names]) for v, m in mods.items()}
+    kernel = {v: k[(mods[v].__name__, "_kernel")] for v, k in keys.items()}
+    assert kernel["same"] == kernel["moved"]
+    assert kernel["helper edited"] != kernel["same"]  # the helper's source is in its caller's key

@@ -48,3 +48,23 @@ def test_compare_reports_fraction_of_floor(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps({"rows": [measured]}))
     (out,) = roofline.compare([str(tmp_path / "r.json"), str(tmp_path / "missing.json")], str(RESULTS))
     assert abs(out["of_roofline"] - 0.5) < 1e-12
+
+
+def test_compiled_providers_share_their_eager_floor():
+    rows = {(r["suite"], r["group"], r["provider"], r["mode"]): r for r in roofline.table()}
+    compiled = [k for k in rows if k[2].endswith("-compiled")]
+    assert compiled  # the carrier suite's lcdd-compiled
+    for suite, group, provider, mode in compiled:
+        eager = rows[(suite, group, provider.removesuffix("-compiled"), mode)]
+        assert (rows[(suite, group, provider, mode)]["bytes"], rows[(suite, group, provider, mode)]["flops"]) == (
+            eager["bytes"], eager["flops"])
+    # a compiled training provider, should one be added, gets the same rule
+    for op in (roofline._linear_costs, roofline._swiglu_costs):
+        assert op("lcdd-compiled", 64, 4096, 1024) == op("lcdd", 64, 4096, 1024)
+
+
+def test_compare_says_which_measured_rows_have_no_floor(tmp_path, capsys):
+    measured = dict(suite="training", group="no such shape", provider="lcdd", mode="forward", ms_median=1.0)
+    (tmp_path / "r.json").write_text(json.dumps({"rows": [measured]}))
+    assert roofline.compare([str(tmp_path / "r.json")], str(RESULTS)) == []
+    assert "1 measured rows have no floor" in capsys.readouterr().out

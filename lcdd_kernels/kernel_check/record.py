@@ -64,9 +64,7 @@ def decode(v, keep: list):
 
 def _config_kwargs(config) -> dict:
     """A triton.Config as launch keyword arguments (its meta-parameters and compile options)."""
-    kw = config.all_kwargs() if hasattr(config, "all_kwargs") else {
-        **config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages}
-    return {k: v for k, v in kw.items() if v is not None}
+    return {k: v for k, v in config.all_kwargs().items() if v is not None}
 
 
 _LAUNCH_KWARGS = ("grid", "warmup")

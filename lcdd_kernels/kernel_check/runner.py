@@ -63,20 +63,38 @@ def _record(sources, scenario_modules, dtypes) -> dict:
                     except Exception as e:  # a launcher that fails on the host is a finding too
                         problems.append(f"scenario {name!r} failed on the host: {type(e).__name__}: {e}")
     version = triton.__version__
+    launched = {(l.module, l.kernel) for l in rec.launches.values()}
+    source = source_keys(launched | {(m, n) for m, names in found.items() if m in sys.modules for n in names})
     keys = {}
     for launch in rec.launches.values():
-        fn = jit_function(launch.module, launch.kernel)
-        keys[launch.key()] = hashlib.sha256(f"{fn.cache_key}|{version}|{launch.key()}".encode()).hexdigest()
+        key = source[(launch.module, launch.kernel)]
+        keys[launch.key()] = hashlib.sha256(f"{key}|{version}|{launch.key()}".encode()).hexdigest()
         launches.append(launch)
     # Kernels no launch reaches and no launched kernel calls are not covered.
-    launched = {(l.module, l.kernel) for l in launches}
     inlined = set()
     for module, name in launched:
         inlined |= discovery.called_names(jit_function(module, name).src)
     uncovered = [f"{m}.{n}" for m, names in found.items() for n in names
                  if (m, n) not in launched and n not in inlined]
-    return {"launches": launches, "keys": keys, "problems": problems, "uncovered": uncovered,
-            "found": {m: names for m, names in found.items()}, "triton": version}
+    return {"launches": launches, "keys": keys, "problems": problems, "uncovered": uncovered, "triton": version}
+
+
+def source_keys(functions) -> dict:
+    """{(module, name): Triton's ``cache_key``} for these jit functions, each computed with the
+    starting line number of every one of them set to 0 (pass the helpers they call too).
+
+    Triton's key hashes a function's source, the keys of the jit functions it calls and the
+    constexpr globals it reads, plus the line the function starts at (for its own cache: the debug
+    line info is compiled in). Registers, spills and SASS counts do not depend on that line, so it
+    is zeroed first: a line added or removed above a kernel (a config list grown, a comment) does
+    not recompile it, while an edit to the kernel or to a helper it calls does. Only for the
+    recording process, which compiles nothing afterwards."""
+    from .compile import jit_function
+
+    fns = {(m, n): jit_function(m, n) for m, n in functions}
+    for fn in fns.values():
+        fn.starting_line_number, fn.hash = 0, None
+    return {k: fn.cache_key for k, fn in fns.items()}
 
 
 def _compile(launch, cc: int) -> dict:
