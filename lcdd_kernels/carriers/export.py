@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .export_dense import add_dense, dense_plan
-from .format import Carrier, CarrierModule
+from .format import Carrier, CarrierModule, projection_paths
 
 __all__ = ["export_peft", "ExportReport", "ModuleExport", "VLLM_LORA_RANKS", "vllm_max_lora_rank",
            "lora_nbytes", "carrier_nbytes"]
@@ -176,8 +176,7 @@ def _truncated_factors(m: CarrierModule, n: int, k: int, rank: int) -> tuple[tor
 
 def _module_shapes(carrier: Carrier) -> dict[str, tuple[int, int]]:
     """(N, K) of every projection of the carrier, from its family table and dims."""
-    fam, dims = carrier.family_spec, carrier.dims
-    return {f"{fam.layers}.{i}.{p.path}": dims.shape(p) for i in range(dims.num_layers) for p in fam.projections}
+    return {path: carrier.dims.shape(p) for _, p, path in projection_paths(carrier.family_spec, carrier.dims.num_layers)}
 
 
 def _lora_tensors(carrier: Carrier, max_rank: int | None, dtype: torch.dtype):
