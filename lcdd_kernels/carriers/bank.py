@@ -175,9 +175,8 @@ class CarrierBank:
                         "model; a bank routes only those per sequence (embeddings / lm_head would need a model "
                         "copy per carrier): serve this carrier alone with apply_carrier or merge_carrier_, or "
                         "extract it from an SFT run with embeddings and lm_head frozen")
-                _checks.tensor(f"{op}: {path}", "dense part", t)
-                _checks.floating(f"{op}: {path}", "dense part", t)
-                _checks.shape(f"{op}: {path}", "dense part", t, self.dense_shapes[path], "(the model's parameter)")
+                # its dtype and values were checked by the Carrier (validate_carrier), its name and
+                # shape against the model by self._compat (check_compatible -> dense_targets)
             out[path] = t.detach().to(self.device, self.dtype)
         return out
 
