@@ -170,8 +170,9 @@ def test_dense_part_the_model_lacks_is_refused_everywhere(qwen2):
     wrong = _with_dense(dense, **{"model.norm.weight": torch.ones(48)})
     small = tiny_model("qwen2", seed=0, hidden_size=48)
     small.model.norm.weight = torch.nn.Parameter(torch.ones(12))
-    with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(48,\) but the model's parameter has \(12,\)"):
-        L.apply_carrier(small, wrong, allow_fingerprint_mismatch=True)
+    for apply in (L.apply_carrier, L.merge_carrier_, lambda m, c, **k: L.apply_carrier_bank(m, [c], **k)):
+        with pytest.raises(ValueError, match=r"'model.norm.weight' has shape \(48,\) but the model's parameter has \(12,\)"):
+            apply(small, wrong, allow_fingerprint_mismatch=True)
 
 
 def test_bank_refuses_embedding_dense_parts(tmp_path):

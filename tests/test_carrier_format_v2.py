@@ -71,9 +71,14 @@ def test_v1_file_still_loads_and_says_so(caplog):
 
 
 def test_v1_resaved_becomes_v2(tmp_path):
-    L.load_carrier(V1).save(tmp_path / "c")
+    old = L.load_carrier(V1)
+    old.save(tmp_path / "c")
     assert json.loads((tmp_path / "c" / CONFIG_NAME).read_text())["format_version"] == 2
-    L.load_carrier(tmp_path / "c")
+    new = L.load_carrier(tmp_path / "c")
+    assert new.dense == {} and new.dtype == old.dtype and torch.equal(new.theta, old.theta)
+    assert new.modules.keys() == old.modules.keys()
+    assert all(torch.equal(getattr(new.modules[p], t), getattr(m, t))
+               for p, m in old.modules.items() for t in ("rows", "cols", "delta"))
 
 
 def _flip_bit(path: Path, key: str, byte: int = 0, bit: int = 0):
@@ -127,6 +132,29 @@ def test_non_finite_dense_part_is_refused(saved, tmp_path):
         L.load_carrier(d)
 
 
-def test_header_is_read_without_the_data(saved):
-    header = read_header(saved / WEIGHTS_NAME)
+def test_header_is_read_without_the_data(saved, monkeypatch):
+    from lcdd_kernels.carriers import loading
+
+    reads = []
+
+    class Counting:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def read(self, n=-1):
+            out = self.f.read(n)
+            reads.append(len(out))
+            return out
+
+    monkeypatch.setattr(loading, "open", lambda *a, **k: Counting(open(*a, **k)), raising=False)
+    path = saved / WEIGHTS_NAME
+    header = read_header(path)
     assert header["model.norm.weight.carrier_dense"] == (torch.float32, (48,))
+    n = int.from_bytes(path.read_bytes()[:8], "little")
+    assert sum(reads) == 8 + n < path.stat().st_size  # the 8-byte length and the header, none of the data

@@ -114,7 +114,7 @@ def test_lora_ranks_and_scaling(carriers, tmp_path):
 @pytest.mark.parametrize("kind", ["lora", "shira"])
 def test_keys_are_those_peft_writes(kind, carriers, tmp_path):
     carrier = carriers["qwen3"][0]
-    export_peft(carrier, tmp_path / "ours", kind=kind)
+    report = export_peft(carrier, tmp_path / "ours", kind=kind)
     cfg = json.loads((tmp_path / "ours" / CONFIG_NAME).read_text())
     cls = peft.LoraConfig if kind == "lora" else peft.ShiraConfig
     fields = {k: v for k, v in cfg.items() if k not in ("peft_type", "revision") and v is not None}
@@ -124,6 +124,10 @@ def test_keys_are_those_peft_writes(kind, carriers, tmp_path):
     want = load_file(str(tmp_path / "theirs" / WEIGHTS_NAME))
     assert {k: tuple(v.shape) for k, v in ours.items()} == {k: tuple(v.shape) for k, v in want.items()}
     assert {k: v.dtype for k, v in ours.items()} == {k: v.dtype for k, v in want.items()}
+    # SHiRA's zero padding is reported: the values written beyond the carrier's
+    stored = sum(v.numel() for k, v in ours.items() if k.endswith("shira_weight"))
+    assert report.padded_entries == (stored - carrier.num_parameters()["carrier"] if kind == "shira" else 0)
+    assert (report.padded_entries > 0) == ("SHiRA padding" in report.summary()) == (kind == "shira")
 
 
 @pytest.mark.parametrize("kind", ["lora", "shira"])
@@ -155,11 +159,15 @@ def test_merge_and_unload_equals_merge_carrier(family, kind, carriers, tmp_path)
         assert torch.equal(got_params[name], p), name
 
 
-def test_max_rank_truncates_and_reports(carriers, tmp_path):
+def test_max_rank_truncates_and_reports(carriers, tmp_path, caplog):
     carrier = carriers["qwen3"][0]
     base = _base("qwen3")
-    report = export_peft(carrier, tmp_path / "a", max_rank=8, base_model=base)
+    with caplog.at_level("WARNING", logger="lcdd_kernels.carriers"):
+        report = export_peft(carrier, tmp_path / "a", max_rank=8, base_model=base)
     assert not report.exact and report.truncated
+    # the cut is logged: how many modules, the worst error, the switch
+    assert any(f"max_rank=8 truncated {len(report.truncated)} of {len(report.modules)} modules" in r.getMessage()
+               and "leave max_rank unset" in r.getMessage() for r in caplog.records)
     cut = {m.path: m for m in report.truncated}
     tensors = load_file(str(tmp_path / "a" / WEIGHTS_NAME))
     for m in report.modules:
@@ -313,7 +321,7 @@ def test_dense_norms_go_into_a_shira_adapter(tmp_path):
     _check_dense("qwen3 shira + norms", _logits(model), "qwen3", carrier)
 
 
-def test_dense_parts_refused_where_they_cannot_go(tmp_path):
+def test_dense_parts_refused_where_they_cannot_go(tmp_path, caplog):
     carrier = _dense_carrier("qwen2")
     with pytest.raises(ValueError, match=r"vLLM cannot load.*drop_dense=True \(CLI: --drop-dense\)"):
         export_peft(carrier, tmp_path / "v", target="vllm")
@@ -322,8 +330,10 @@ def test_dense_parts_refused_where_they_cannot_go(tmp_path):
     with pytest.raises(ValueError, match=r"needs the base model.*base_model="):
         export_peft(carrier, tmp_path / "l")
     assert not any((tmp_path / d).exists() for d in ("v", "s", "l"))
-    report = export_peft(carrier, tmp_path / "v", target="vllm", drop_dense=True)
+    with caplog.at_level("WARNING", logger="lcdd_kernels.carriers"):
+        report = export_peft(carrier, tmp_path / "v", target="vllm", drop_dense=True)
     assert report.dense_dropped == sorted(carrier.dense) and not report.exact and "DROPPED" in report.summary()
+    assert any(f"drop_dense=True left {len(carrier.dense)} dense parts" in r.getMessage() for r in caplog.records)
     cfg = json.loads((tmp_path / "v" / CONFIG_NAME).read_text())
     assert cfg["modules_to_save"] is None and not cfg.get("lora_bias")
     # what was dropped: the adapter is the sparse part alone

@@ -163,13 +163,20 @@ def test_differences_are_reported_and_logged(caplog):
     assert len(strict.parameters()["weights"]) == 14
 
 
-def test_equal_non_projection_parameters_report_nothing():
+def test_equal_non_projection_parameters_report_nothing(caplog):
     base = tiny_model("llama", seed=0)
     sft = copy.deepcopy(base)
     with torch.no_grad():
         sft.model.layers[0].mlp.up_proj.weight.add_(0.1)
-    handle = L.apply_lcdd(sft, base)
+    trained = _trained_other(sft)
+    values = sum(p.numel() for n, p in sft.named_parameters() if n in trained)
+    with caplog.at_level(logging.INFO, logger="lcdd_kernels.models"):
+        handle = L.apply_lcdd(sft, base)
     assert handle.differences == {} and handle.dense_parameters() == {}
+    # no value changes, but the norms start training: the log says how many and the switch
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert f"trains its {len(trained)} norm weights and projection biases ({values} values)" in msg
+    assert "non_projection='base'" in msg
 
 
 def test_changed_embeddings_are_carried_with_a_warning(caplog):

@@ -15,9 +15,10 @@ chooses a carrier per sequence for ``model(...)`` and ``model.generate(...)``;
 Dense parts (``Carrier.dense``: the LCDD model's norm weights and projection biases) are served
 per sequence too, without a per-carrier copy of the model: every RMSNorm becomes a
 :class:`BankNorm` and each projection with a routed bias computes ``x·Bᵀ`` without it, and then
-each token gets its carrier's row of a small table, ``(1 + slots) × n``, row 0 holding the
-model's current (base) value: ``table[ids + 1]``, one gather, no host sync. Carrier −1 and
-carriers without that part read row 0. Embeddings / lm_head dense parts are not routed
+each token gets its carrier's row of a small ``(1 + slots) × n`` table built when the bank
+changes, ``table[ids + 1]``, whose rows for carrier −1 and carriers without that part take the
+model's current (base) value by one select per call; one gather, no host sync, no concatenation.
+Embeddings / lm_head dense parts are not routed
 per sequence (a bank refuses them; apply or merge such a carrier alone).
 
 :func:`merge_carrier_` adds one carrier into the base weights for zero overhead and keeps the
@@ -112,7 +113,9 @@ class CarrierBank:
         self._swaps = None
         #: parameters a model-bound bank routes per sequence: path -> shape (norm weights, biases)
         self.dense_shapes: dict[str, tuple[int, ...]] | None = None
+        #: path -> ((1 + slots, *shape) values, row 0 zeros; (1 + slots,) bool: who has one), by _changed
         self._dense_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._dense_paths: frozenset[str] = frozenset()  # paths some carrier in the bank has a dense part for
 
     # ----- managing carriers ---------------------------------------------------------------
 
@@ -172,40 +175,43 @@ class CarrierBank:
                         "model; a bank routes only those per sequence (embeddings / lm_head would need a model "
                         "copy per carrier): serve this carrier alone with apply_carrier or merge_carrier_, or "
                         "extract it from an SFT run with embeddings and lm_head frozen")
-                _checks.tensor(f"{op}: {path}", "dense part", t)
-                _checks.floating(f"{op}: {path}", "dense part", t)
-                _checks.shape(f"{op}: {path}", "dense part", t, self.dense_shapes[path], "(the model's parameter)")
+                # its dtype and values were checked by the Carrier (validate_carrier), its name and
+                # shape against the model by self._compat (check_compatible -> dense_targets)
             out[path] = t.detach().to(self.device, self.dtype)
         return out
 
     def has_dense(self, path: str) -> bool:
-        """Whether any carrier in the bank has a dense part for parameter ``path`` (host-side)."""
-        return any(s is not None and s.dense is not None and path in s.dense for s in self._slots)
+        """Whether any carrier in the bank has a dense part for parameter ``path`` (host-side, a set
+        lookup: kept by every add / remove)."""
+        return path in self._dense_paths
 
     def dense_rows(self, path: str, current: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        """Per token, the value of parameter ``path`` under its carrier: (T, *shape) from a
-        (1 + slots, *shape) table whose row 0 is ``current`` (the model's value; carrier −1 and
-        carriers without that part read it). One gather, no host sync."""
+        """Per token, the value of parameter ``path`` under its carrier: (T, *shape), the carrier's
+        dense part, or ``current`` (the model's value) for carrier −1 and carriers without that
+        part. The (1 + slots, *shape) table and who-has-one mask are built when the bank changes;
+        per call one select puts ``current`` in their empty rows (it follows the model's value, e.g.
+        after a merge) and one gather reads the tokens' rows. No host sync."""
         cached = self._dense_tables.get(path)
         if cached is None:
             cached = self._dense_table(path, tuple(current.shape))
-        stack, mask = (t.to(current.device) for t in cached)
+        stack, has = (t.to(current.device) for t in cached)
         cur = current.detach()[None]
-        table = torch.cat([cur, torch.where(mask, stack.to(cur.dtype), cur)])
-        return table.index_select(0, (ids.to(torch.long) + 1))
+        table = torch.where(has.view(-1, *([1] * current.dim())), stack.to(cur.dtype), cur)
+        return table.index_select(0, ids.to(torch.long) + 1)
 
     def _dense_table(self, path: str, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slots, *shape) values of ``path`` per carrier and a (slots, 1...) mask of who has one;
-        built when the bank changes (eagerly: a compiled forward only reads it)."""
-        rows, has = [], []
+        """(1 + slots, *shape) values of ``path`` per carrier id + 1 (row 0, carrier −1, and carriers
+        without one: zeros) and a (1 + slots,) bool of who has one; built when the bank changes
+        (eagerly: a compiled forward only reads it)."""
+        zeros = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        rows, has = [zeros], [False]
         for s in self._slots:
             v = None if s is None or s.dense is None else s.dense.get(path)
             has.append(v is not None)
-            rows.append(v if v is not None else torch.zeros(shape, device=self.device, dtype=self.dtype))
-        stack = torch.stack(rows)
-        mask = torch.tensor(has, device=self.device).view(-1, *([1] * len(shape)))
-        self._dense_tables[path] = (stack, mask)
-        return stack, mask
+            rows.append(v if v is not None else zeros)
+        table = (torch.stack(rows), torch.tensor(has, device=self.device))
+        self._dense_tables[path] = table
+        return table
 
     def remove(self, key: int | str) -> None:
         """Drop a carrier (by id or name); its id becomes free for a later ``add``."""
@@ -267,6 +273,7 @@ class CarrierBank:
         used = list(self._tables)
         self._tables.clear()
         self._dense_tables.clear()
+        self._dense_paths = frozenset(p for s in self._slots if s is not None and s.dense for p in s.dense)
         for path, shape in (self.dense_shapes or {}).items():
             if self.has_dense(path):
                 self._dense_table(path, shape)

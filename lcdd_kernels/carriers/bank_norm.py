@@ -2,7 +2,7 @@
 
 A carrier's dense parts include the LCDD model's RMSNorm weights. :class:`BankNorm` replaces each
 RMSNorm so that every token is scaled by its own carrier's weight, read from the bank's small
-per-parameter table (``bank.dense_rows``): one gather, no host sync, no copy of the model per
+per-parameter table (``bank.dense_rows``, built when the bank changes): a gather, no host sync, no copy of the model per
 carrier.
 """
 

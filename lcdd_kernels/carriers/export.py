@@ -22,6 +22,7 @@ where the adapter came from; PEFT and vLLM ignore it). Writing needs neither PEF
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from dataclasses import asdict, dataclass, field
@@ -30,7 +31,7 @@ from pathlib import Path
 import torch
 
 from .export_dense import add_dense, dense_plan
-from .format import Carrier, CarrierModule
+from .format import Carrier, CarrierModule, projection_paths
 
 __all__ = ["export_peft", "ExportReport", "ModuleExport", "VLLM_LORA_RANKS", "vllm_max_lora_rank",
            "lora_nbytes", "carrier_nbytes"]
@@ -43,6 +44,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 REPORT_NAME = "lcdd_export.json"
 PREFIX = "base_model.model."  # PeftModel -> LoraModel -> the HF model: how PEFT names saved keys
+
+log = logging.getLogger("lcdd_kernels.carriers")
 
 
 @dataclass
@@ -81,6 +84,8 @@ class ExportReport:
     dense_dropped: list[str] = field(default_factory=list)
     logit_change: float | None = None
     logit_scale: float | None = None
+    #: SHiRA: zero entries written beyond the carrier's (PEFT sizes every module at r·(N + K))
+    padded_entries: int = 0
 
     @property
     def truncated(self) -> list[ModuleExport]:
@@ -115,7 +120,32 @@ class ExportReport:
         if self.dense_dropped:
             lines.append(f"  dense parts DROPPED (drop_dense): {len(self.dense_dropped)} "
                          f"({', '.join(self.dense_dropped[:3])}{'...' if len(self.dense_dropped) > 3 else ''})")
+        if self.padded_entries:
+            total = sum(m.entries for m in self.modules)
+            lines.append(f"  SHiRA padding: {self.padded_entries:,} zero entries of {total:,} ({self.padded_entries / total:.1%}; "
+                         "PEFT gives every module r·(N+K) entries for one r); exact, kind='lora' has none")
         return "\n".join(lines)
+
+    def warn(self) -> None:
+        """Log what the export chose or cost that the caller may not have seen: modules truncated
+        by ``max_rank`` (how many, the worst error), dense parts left out (``drop_dense``), SHiRA's
+        zero padding."""
+        cut = self.truncated
+        if cut:
+            worst = max(cut, key=lambda m: m.rel_error)
+            log.warning("export_peft: max_rank=%d truncated %d of %d modules by SVD of Δ (worst relative error %.3g "
+                        "at %s, rank %d of %d%s); the adapter is not the carrier; leave max_rank unset for the exact "
+                        "adapter", self.max_rank, len(cut), len(self.modules), worst.rel_error, worst.path,
+                        worst.kept, worst.rank,
+                        "" if self.logit_change is None else
+                        f"; max |Δ logit| {self.logit_change:.3g} on the probe batch")
+        if self.dense_dropped:
+            log.warning("export_peft: drop_dense=True left %d dense parts of the carrier out of the adapter (%s): "
+                        "served with it, the model is not the carrier's model there", len(self.dense_dropped),
+                        ", ".join(self.dense_dropped[:4]) + ("..." if len(self.dense_dropped) > 4 else ""))
+        if self.padded_entries:
+            log.info("export_peft(kind='shira'): %d zero entries padded (PEFT sizes every module at r·(N+K)); "
+                     "exact; kind='lora' needs no padding", self.padded_entries)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,8 +206,7 @@ def _truncated_factors(m: CarrierModule, n: int, k: int, rank: int) -> tuple[tor
 
 def _module_shapes(carrier: Carrier) -> dict[str, tuple[int, int]]:
     """(N, K) of every projection of the carrier, from its family table and dims."""
-    fam, dims = carrier.family_spec, carrier.dims
-    return {f"{fam.layers}.{i}.{p.path}": dims.shape(p) for i in range(dims.num_layers) for p in fam.projections}
+    return {path: carrier.dims.shape(p) for _, p, path in projection_paths(carrier.family_spec, carrier.dims.num_layers)}
 
 
 def _lora_tensors(carrier: Carrier, max_rank: int | None, dtype: torch.dtype):
@@ -375,6 +404,9 @@ def export_peft(carrier: Carrier, out_dir: str | os.PathLike, kind: str = "lora"
         overwrite: replace an existing non-empty ``out_dir`` (refused otherwise).
         drop_dense: export without the carrier's dense parts (norms, biases) where the target
             cannot hold them, knowingly; refused otherwise.
+
+    Truncation by ``max_rank`` and dense parts dropped are logged as warnings (how many, the worst
+    error, the names) besides the report; SHiRA's zero padding is in the report and its summary.
     """
     if kind not in KINDS:
         raise ValueError(f"export_peft: kind must be one of {KINDS}, got {kind!r}")
@@ -419,10 +451,12 @@ def export_peft(carrier: Carrier, out_dir: str | os.PathLike, kind: str = "lora"
         adapter_bytes=sum(t.numel() * t.element_size() for t in tensors.values()),
         carrier_bytes=sum(carrier_nbytes(m.rows.numel(), m.cols.numel(), elem) for m in carrier.modules.values())
         + sum(t.numel() * t.element_size() for t in (getattr(carrier, "dense", None) or {}).values()),
-        vllm_max_lora_rank=vllm_rank, dense_exported=plan.exported, dense_dropped=plan.dropped)
+        vllm_max_lora_rank=vllm_rank, dense_exported=plan.exported, dense_dropped=plan.dropped,
+        padded_entries=sum(m.entries - m.rows * m.cols for m in modules) if kind == "shira" else 0)
     if kind == "lora" and report.truncated and base_model is not None:
         report.logit_change, report.logit_scale = probe_logit_change(
             base_model, carrier, _as_carrier(carrier, tensors), probe, allow_fingerprint_mismatch)
+    report.warn()
     meta = {"source": {"base_model": carrier.base_name, "base_fingerprint": carrier.base_fingerprint,
                        "family": carrier.family, "carrier_metadata": carrier.metadata},
             "report": report.to_dict()}

@@ -37,6 +37,7 @@ from ..models.families import (
     GROUP_SOURCE,
     Dims,
     Family,
+    Projection,
     expand_gqa,
     get_submodule,
     module_paths,
@@ -101,6 +102,28 @@ def base_fingerprint(model_or_handle) -> str:
             yield path, mod.base if isinstance(mod, MaskedDeltaLinear) else mod.weight
 
     return fingerprint_tensors(weights())
+
+
+# ---------------------------------------------------------------------------------------------
+# What follows from the family table and the dimensions (shared by save, validation and loading)
+# ---------------------------------------------------------------------------------------------
+
+
+def projection_paths(family: Family, num_layers: int) -> list[tuple[int, Projection, str]]:
+    """Every projection a carrier holds as (layer, projection, full path), in layer order then
+    table order: what :func:`~lcdd_kernels.models.families.module_paths` gives for a model."""
+    return [(i, p, f"{family.layers}.{i}.{p.path}") for i in range(num_layers) for p in family.projections]
+
+
+def projection_numel(family: Family, dims: Dims) -> int:
+    """Entries of all the projection weights of a model of these dimensions."""
+    return dims.num_layers * sum(math.prod(dims.shape(p)) for p in family.projections)
+
+
+def summaries(stats: dict) -> tuple[dict, dict]:
+    """The config's ``sparsity`` and ``active`` fields from :func:`sparsity_stats`."""
+    return tuple({"overall": stats["overall"][k], "groups": {g: s[k] for g, s in stats["groups"].items()}}
+                 for k in ("sparsity", "active"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,8 +193,7 @@ class Carrier:
 
     def num_parameters(self) -> dict[str, int | float]:
         """Delta entries of the carrier against the projection weights of the model."""
-        fam = self.family_spec
-        dense = self.dims.num_layers * sum(math.prod(self.dims.shape(p)) for p in fam.projections)
+        dense = projection_numel(self.family_spec, self.dims)
         carrier = sum(m.numel for m in self.modules.values())
         return {"carrier": carrier, "projections": dense, "ratio": carrier / dense if dense else 0.0,
                 "dense": sum(t.numel() for t in self.dense.values())}
@@ -198,7 +220,7 @@ class Carrier:
 
         tensors = self.tensors() if tensors is None else tensors
 
-        stats = self.stats()
+        sparsity, active = summaries(self.stats())
         fam = self.family_spec
         return {
             "format_version": FORMAT_VERSION,
@@ -208,10 +230,8 @@ class Carrier:
             "dtype": str(self.dtype).replace("torch.", ""),
             "target_modules": [p.path for p in fam.projections],
             "module_shapes": {p.path: list(self.dims.shape(p)) for p in fam.projections},
-            "sparsity": {"overall": stats["overall"]["sparsity"],
-                         "groups": {g: s["sparsity"] for g, s in stats["groups"].items()}},
-            "active": {"overall": stats["overall"]["active"],
-                       "groups": {g: s["active"] for g, s in stats["groups"].items()}},
+            "sparsity": sparsity,
+            "active": active,
             "num_parameters": self.num_parameters(),
             "base_model": {"name_or_path": self.base_name, "fingerprint": self.base_fingerprint},
             "theta_file": THETA_NAME if self.theta is not None else None,

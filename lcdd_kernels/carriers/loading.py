@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .. import _checks
-from ..models.families import FAMILIES, GROUP_SOURCE, GROUPS, Dims, family_of_model_type, get_family
+from ..models.families import FAMILIES, GROUP_SOURCE, GROUPS, Dims, family_of_model_type, get_family, sparsity_stats
 from .format import (
     CARRIER_TYPE,
     CONFIG_NAME,
@@ -45,6 +45,9 @@ from .format import (
     Carrier,
     CarrierModule,
     base_fingerprint,
+    projection_numel,
+    projection_paths,
+    summaries,
     tensor_sha256,
 )
 
@@ -100,7 +103,7 @@ def validate_carrier(c: Carrier, where: str | None = None) -> None:
     if not isinstance(c.metadata, dict):
         _fail(where, f"metadata must be a dict, got {type(c.metadata).__name__}")
     fam = FAMILIES[c.family]
-    expected = [(i, p, f"{fam.layers}.{i}.{p.path}") for i in range(c.dims.num_layers) for p in fam.projections]
+    expected = projection_paths(fam, c.dims.num_layers)
     names = {path for _, _, path in expected}
     missing = [p for _, _, p in expected if p not in c.modules]
     extra = [p for p in c.modules if p not in names]
@@ -416,7 +419,7 @@ def _check_header(cfg: dict, header: dict, d: Path) -> list[tuple[int, object, s
     if dims.num_layers > layers_held:
         _fail(wpath, f"carrier_config.json says {dims.num_layers} layers but this file holds tensors of "
                      f"{layers_held}; the two files do not belong together")
-    paths = [(i, p, f"{fam.layers}.{i}.{p.path}") for i in range(dims.num_layers) for p in fam.projections]
+    paths = projection_paths(fam, dims.num_layers)
     expected = {f"{path}.{s}" for _, _, path in paths for s in SUFFIXES} | {f"{p}.{DENSE_SUFFIX}" for p in dense}
     missing = sorted(expected - set(header))
     extra = sorted(set(header) - expected)
@@ -470,19 +473,15 @@ def _check_header(cfg: dict, header: dict, d: Path) -> list[tuple[int, object, s
         if dt != dtype or list(shape) != info["shape"]:
             _fail(f"{wpath}: {p}.{DENSE_SUFFIX}", f"is {dt} of shape {list(shape)} but carrier_config.json records "
                                                   f"{info['dtype']} of shape {info['shape']}")
-    actual = {"overall": sum(sum(c.values()) for c in counts), "groups": {g: sum(c[g] for c in counts) for g in GROUPS}}
+    spars, actual = summaries(sparsity_stats(counts, dims))  # as Carrier.config writes them
     if cfg["active"] != actual:
         _fail(d, f"carrier_config.json records {cfg['active']} active entries but {WEIGHTS_NAME} holds "
                  f"{actual}; the two files come from different carriers")
-    sizes = dims.group_sizes()
-    total = dims.masks_per_layer * dims.num_layers
-    spars = {"overall": 1 - actual["overall"] / total,
-             "groups": {g: 1 - actual["groups"][g] / (sizes[g] * dims.num_layers) for g in GROUPS}}
     if (abs(cfg["sparsity"]["overall"] - spars["overall"]) > 1e-9
             or any(abs(cfg["sparsity"]["groups"][g] - spars["groups"][g]) > 1e-9 for g in GROUPS)):
         _fail(d / CONFIG_NAME, f"sparsity {cfg['sparsity']} does not follow from the tensors' active counts "
                                f"({spars}); the two files come from different carriers")
-    n_proj = dims.num_layers * sum(math.prod(dims.shape(p)) for p in fam.projections)
+    n_proj = projection_numel(fam, dims)
     n_car = sum(r * c for r, c in size.values())
     num = {"carrier": n_car, "projections": n_proj}
     if cfg["format_version"] >= 2:

@@ -50,10 +50,7 @@ def run(args) -> int:
                          dtype=getattr(torch, args.adapter_dtype) if args.adapter_dtype else None,
                          target=args.target, base_model=base, overwrite=args.overwrite, drop_dense=args.drop_dense,
                          allow_fingerprint_mismatch=args.allow_fingerprint_mismatch)
-    print(report.summary())
-    if report.dense_dropped:
-        print(f"  WARNING: the adapter lacks {len(report.dense_dropped)} dense parts of the carrier (--drop-dense): "
-              "served with it, the model is not the carrier's model there")
+    print(report.summary())  # export_peft also logs truncation and dropped dense parts as warnings (stderr)
     if report.truncated:
         for m in sorted(report.truncated, key=lambda m: -m.rel_error)[:10]:
             print(f"    {m.path}: rank {m.kept} of {m.rank}, relative error of Δ {m.rel_error:.3g}")

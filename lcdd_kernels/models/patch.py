@@ -274,10 +274,19 @@ def _difference(p: torch.Tensor, b: torch.Tensor) -> dict | None:
     return {"max_abs": float(d.abs().max()), "relative": nd / nb if nb else math.inf, "numel": p.numel()}
 
 
-def _log_differences(differences: dict, mode: str, frozen: set[str]) -> None:
+def _log_differences(differences: dict, mode: str, frozen: set[str], trained: dict[str, torch.Tensor]) -> None:
+    """Log what ``mode`` does with the non-projection parameters: which differ from the base (and
+    by how much), and in "sft" mode how many start training (``trained``: name -> base value)."""
+    n_train, v_train = len(trained), sum(t.numel() for t in trained.values())
     if not differences:
-        log.info("apply_lcdd: the SFT model's non-projection parameters equal the base's (non_projection=%r "
-                 "changes nothing)", mode)
+        if mode == "sft":
+            log.info("apply_lcdd: the SFT model's non-projection parameters equal the base's; non_projection='sft' "
+                     "trains its %d norm weights and projection biases (%d values) with the projection weights "
+                     "(embeddings and lm_head frozen); pass non_projection='base' to freeze them at the base values",
+                     n_train, v_train)
+        else:
+            log.info("apply_lcdd: the SFT model's non-projection parameters equal the base's (non_projection='base' "
+                     "changes no value; they are frozen)")
         return
     worst = sorted(differences.items(), key=lambda kv: -kv[1]["max_abs"])
     listing = ", ".join(f"{n} (max |Δ| {d['max_abs']:.3g}, {d['relative']:.2%} of the base)" for n, d in worst[:4])
@@ -285,9 +294,10 @@ def _log_differences(differences: dict, mode: str, frozen: set[str]) -> None:
     if mode == "sft":
         big = [n for n in differences if n in frozen]
         log.info("apply_lcdd(non_projection='sft'): %d non-projection parameters of the SFT model differ from the "
-                 "base: %s%s. They keep their SFT values (norms and biases train with the weights%s); carriers "
-                 "store them as dense parts. Pass non_projection='base' for strictly sparse carriers.",
-                 len(differences), listing, more,
+                 "base: %s%s. They keep their SFT values; %d norm weights and projection biases (%d values) train "
+                 "with the projection weights%s; carriers store those that differ as dense parts. Pass "
+                 "non_projection='base' for strictly sparse carriers.",
+                 len(differences), listing, more, n_train, v_train,
                  f"; {', '.join(big)} stay frozen at the SFT values and make carriers large" if big else "")
     else:
         log.warning("apply_lcdd(non_projection='base'): %d non-projection parameters of the SFT model differ from "
@@ -341,7 +351,6 @@ def apply_lcdd(model: nn.Module, base, theta: torch.Tensor | None = None, init_m
     frozen = _embedding_names(model)  # frozen in both modes (SPEC §3)
     differences = {n: d for n, p in model.named_parameters() if n not in proj_weights
                    if (d := _difference(p, state[n])) is not None}
-    _log_differences(differences, non_projection, frozen)
     base_values = {}
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -355,6 +364,7 @@ def apply_lcdd(model: nn.Module, base, theta: torch.Tensor | None = None, init_m
             else:  # a norm weight or projection bias: the SFT value, trained; its base value is kept
                 base_values[pname] = state[pname].detach().to(p.device, p.dtype).clone()
                 p.requires_grad_(True)
+    _log_differences(differences, non_projection, frozen, base_values)
 
     gen = None
     if seed is not None:
