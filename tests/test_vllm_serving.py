@@ -18,7 +18,6 @@ import pytest
 
 import lcdd_kernels as L
 from lcdd_kernels.demo.base import render_prompt
-from lcdd_kernels.models.patch import apply_lcdd
 from lcdd_kernels.serving import vllm_env
 from lcdd_kernels.serving.bank_generate import bank_greedy
 
@@ -40,27 +39,14 @@ PROMPTS = ["reverse: hello", "sort: banana", "copy: abc", "count: aab", "reverse
 MIXED = [0, 1, 2, None, 1, 0, None, 2]  # carrier per request of the mixed batch
 
 
-def _carrier(seed: int):
-    sft, _ = vllm_env.served_model(seed)
-    base, _ = vllm_env.served_model(0)
-    # about 20% of the mask entries on (init N(-0.85, 1)): ranks in the tens, max_lora_rank 64;
-    # purely sparse (the seeds differ in embeddings too, which vLLM could not load as dense parts)
-    handle = apply_lcdd(sft, base, seed=seed, init_mean=-0.85, init_std=1.0, non_projection="base")
-    return L.extract_carrier(handle, include_theta=False)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
     model, tok = vllm_env.served_model(0)
     vllm_env.save_served_model(model, tok, root / "model")
-    carriers = [_carrier(s) for s in (1, 2, 3)]
-    adapters, ranks = {}, []
-    for i, c in enumerate(carriers):
-        report = L.export_peft(c, root / f"c{i}", target="vllm")
-        assert report.exact
-        adapters[f"c{i}"] = str(root / f"c{i}")
-        ranks.append(report.vllm_max_lora_rank)
+    carriers = [vllm_env.served_carrier(s) for s in (1, 2, 3)]
+    adapters, reports = vllm_env.export_for_vllm(carriers, root)
+    assert all(r.exact for r in reports)
     prompts = [render_prompt(tok, p) for p in PROMPTS]
     bank = L.apply_carrier_bank(model, carriers)
     ref = {}  # (prompt index, carrier or None) -> (tokens, logprobs)
@@ -70,7 +56,7 @@ def served(tmp_path_factory):
             ref[i, cid] = (toks[i], lps[i])
     for i in range(len(prompts)):  # every carrier changes what is generated
         assert len({tuple(ref[i, c][0]) for c in (0, 1, 2, None)}) >= 3, f"prompt {i}: carriers change little"
-    return {"root": root, "model": str(root / "model"), "adapters": adapters, "max_lora_rank": max(ranks),
+    return {"root": root, "model": str(root / "model"), "adapters": adapters, "max_lora_rank": max(r.vllm_max_lora_rank for r in reports),
             "prompts": prompts, "ref": ref, "pad": tok.pad_token_id}
 
 
