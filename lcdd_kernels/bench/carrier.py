@@ -386,6 +386,9 @@ def run(args) -> int:
         gen = [{"group": f"generate/{gen_model} B={GEN_BATCH} new={GEN_NEW}", "op": "generate", "model": gen_model,
                 "s": 0.8}]
         gen_providers = [p for p in args.providers if not p.endswith("-compiled")]
+        if len(gen_providers) < len(args.providers):
+            print(f"generate group: {', '.join(p for p in args.providers if p not in gen_providers)} not run there "
+                  "(the compiled providers are per projection; --no-generate skips the group)")
         rows += common.add_ratios(common.run_matrix(SUITE, PREPARE, gen, gen_providers, ("forward",), device, dtype,
                                                     BASELINE, options=options, budget_s=wall_budget, memory=False),
                                   BASELINE)

@@ -15,7 +15,9 @@ waits for its first token), medians of ``--repeats`` after one warm-up; ``start_
 engine's start (vLLM: building the LLM; bank: patching the model and loading the carriers). The
 greedy tokens of the two are compared and reported (``tokens_match``). Reported as measured,
 whichever wins: this is a CPU, where vLLM's strengths (paged attention on a GPU, continuous
-batching of a stream of requests) are not what a single offline batch shows.
+batching of a stream of requests) are not what a single offline batch shows. Both sides serve the
+model in float32 (the carriers are extracted against its fp32 weights and the tokens are compared):
+``--dtype`` other than float32 is refused.
 """
 
 from __future__ import annotations
@@ -42,20 +44,6 @@ def add_arguments(p) -> None:
                    help="python of the vLLM venv (default: $LCDD_VLLM_PYTHON or build/vllm-venv/bin/python)")
 
 
-def _carriers(seeds, device, dtype):
-    from ..carriers.format import extract_carrier
-    from ..models.patch import apply_lcdd
-    from ..serving.vllm_env import served_model
-
-    out = []
-    for s in seeds:
-        sft, _ = served_model(s)
-        base, _ = served_model(0)
-        handle = apply_lcdd(sft, base, seed=s, init_mean=-0.85, init_std=1.0, non_projection="base")
-        out.append(extract_carrier(handle, include_theta=False))
-    return out
-
-
 def _prompts(tok, n: int) -> list[list[int]]:
     from ..demo.base import render_prompt
     from ..demo.world import make_world
@@ -68,20 +56,25 @@ def run(args) -> int:
     import os
 
     from ..carriers.bank import apply_carrier_bank
-    from ..carriers.export import export_peft
     from ..serving import vllm_env
     from ..serving.bank_generate import bank_greedy
 
-    device, dtype = common.resolve_device_dtype(args)
+    device, _ = common.resolve_device_dtype(args)
+    # Both sides serve the fp32 model the carriers were extracted against: the bank refuses a base
+    # whose weights differ from the carriers' (a bf16 cast does), and the tokens are compared.
+    if args.dtype and common.DTYPES[args.dtype] != torch.float32:
+        raise ValueError(f"lcdd bench serving: --dtype {args.dtype}: this suite serves the fp32 tiny model on "
+                         "both sides (its carriers are extracted against fp32 weights); drop --dtype")
+    dtype = torch.float32
     if args.vllm_python:
         os.environ["LCDD_VLLM_PYTHON"] = args.vllm_python
     results = common.open_results(args)
     n_req = args.requests or (8 if args.quick else 16)
     new_tokens = args.new_tokens or (16 if args.quick else 64)
     stamp = common.stamp(device, dtype)
-    model, tok = vllm_env.served_model(0, dtype)
+    model, tok = vllm_env.served_model(0)
     model = model.to(device)
-    carriers = _carriers((1, 2, 3), device, dtype)
+    carriers = [vllm_env.served_carrier(s) for s in (1, 2, 3)]
     prompts = _prompts(tok, n_req)
     mix = [[0, 1, 2, None][i % 4] for i in range(n_req)]
     case = {"group": "serving/tiny-llama", "requests": n_req, "new_tokens": new_tokens, "carriers": 3,
@@ -113,15 +106,11 @@ def run(args) -> int:
         rows.append(common.make_row(SUITE, stamp, case, "vllm", "generate", error=reason))
     else:
         with tempfile.TemporaryDirectory(prefix="lcdd-serving-") as tmp:
-            cpu_model, _ = vllm_env.served_model(0)
-            vllm_env.save_served_model(cpu_model, tok, Path(tmp) / "model")
-            adapters, ranks = {}, []
-            for i, c in enumerate(carriers):
-                rep = export_peft(c, Path(tmp) / f"c{i}", target="vllm")
-                adapters[f"c{i}"], ranks = str(Path(tmp) / f"c{i}"), ranks + [rep.vllm_max_lora_rank]
+            vllm_env.save_served_model(vllm_env.served_model(0)[0], tok, Path(tmp) / "model")
+            adapters, reports = vllm_env.export_for_vllm(carriers, tmp)
             reqs = [{"prompt_token_ids": p, "adapter": None if c is None else f"c{c}"} for p, c in zip(prompts, mix)]
-            job = {"model": str(Path(tmp) / "model"), "dtype": str(dtype).replace("torch.", ""),
-                   "max_lora_rank": max(ranks), "max_model_len": 256, "adapters": adapters,
+            job = {"model": str(Path(tmp) / "model"), "dtype": "float32",
+                   "max_lora_rank": max(r.vllm_max_lora_rank for r in reports), "max_model_len": 256, "adapters": adapters,
                    "runs": [{"name": "serve", "max_loras": len(adapters) + 1, "batches": [
                        {"name": "generate", "max_tokens": new_tokens, "warmup": 1, "repeats": args.repeats,
                         "requests": reqs},

@@ -22,7 +22,7 @@ def bank_greedy(model, bank, prompts: list[list[int]], carriers: list, max_new_t
     """One ``generate`` over the whole batch, sequence i with carrier ``carriers[i]`` (an id,
     name or None). Never stops at EOS (as vLLM with ``ignore_eos``). Returns per request the new
     token ids and, with ``logprobs``, each one's log-probability under the raw logits."""
-    ids, mask = left_pad(prompts, pad_id)
+    ids, mask = (t.to(model.device) for t in left_pad(prompts, pad_id))
     with bank.carriers(list(carriers)):
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              min_new_tokens=None, do_sample=False, eos_token_id=None, pad_token_id=pad_id,

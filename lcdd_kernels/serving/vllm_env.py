@@ -81,6 +81,33 @@ def save_served_model(model, tokenizer, directory: str | os.PathLike) -> Path:
     return d
 
 
+def served_carrier(seed: int):
+    """A carrier of the served model: LCDD between ``served_model(seed)`` (the "SFT") and
+    ``served_model(0)`` (the base), masks initialised N(-0.85, 1) so that about 20% of their
+    entries are on (ranks in the tens: max_lora_rank 64). Purely sparse (``non_projection="base"``):
+    the seeds differ in the embeddings too, which vLLM could not load as dense parts."""
+    from ..carriers.format import extract_carrier
+    from ..models.patch import apply_lcdd
+
+    sft, _ = served_model(seed)
+    base, _ = served_model(0)
+    handle = apply_lcdd(sft, base, seed=seed, init_mean=-0.85, init_std=1.0, non_projection="base")
+    return extract_carrier(handle, include_theta=False)
+
+
+def export_for_vllm(carriers, root: str | os.PathLike) -> tuple[dict[str, str], list]:
+    """Each carrier exported with ``export_peft(target="vllm")`` into ``root/c<i>``: the adapters
+    ``{"c<i>": dir}`` (vLLM's ``--lora-modules``) and the export reports (``vllm_max_lora_rank``)."""
+    from ..carriers.export import export_peft
+
+    adapters, reports = {}, []
+    for i, c in enumerate(carriers):
+        out = Path(root) / f"c{i}"
+        reports.append(export_peft(c, out, target="vllm"))
+        adapters[f"c{i}"] = str(out)
+    return adapters, reports
+
+
 def run_job(job: dict, timeout: float = 600, threads: int | None = None) -> dict:
     """Run an offline vLLM job (see :mod:`.vllm_runner`) in the vLLM venv; its results."""
     reason = available()
@@ -122,7 +149,8 @@ def openai_server(model_dir, lora_modules: dict[str, str], max_lora_rank: int, m
         deadline = time.monotonic() + startup_timeout
         while True:
             if proc.poll() is not None:
-                log.seek(0) if not log_path else None
+                if not log_path:
+                    log.seek(0)
                 tail = (Path(log_path).read_text() if log_path else log.read())[-4000:]
                 raise RuntimeError(f"the vLLM server exited with {proc.returncode} before it was ready:\n{tail}")
             try:
