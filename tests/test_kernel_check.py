@@ -3,6 +3,7 @@ compile or are never launched are reported as such, a clean one passes. Compiles
 (Triton for sm_90/sm_80 and ptxas from the triton wheel; no GPU needed)."""
 
 import pathlib
+import shutil
 
 import pytest
 
@@ -145,3 +146,28 @@ def test_cache_key_ignores_where_a_kernel_sits_but_not_what_it_says(tmp_path, mo
     kernel = {v: k[(mods[v].__name__, "_kernel")] for v, k in keys.items()}
     assert kernel["same"] == kernel["moved"]
     assert kernel["helper edited"] != kernel["same"]  # the helper's source is in its caller's key
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (the CUDA half of the check)")
+def test_cuda_spill_and_compile_error_fail_the_check():
+    """The CUDA half has no allowlist: a spilling instantiation or a source that does not compile
+    makes the whole check fail; the clean kernel beside them is reported clean."""
+    from lcdd_kernels.kernel_check import cuda_sources, report
+
+    rows = cuda_sources.check((90, 80), root=str(FIXTURES / "cuda_root"), echo=lambda *a: None)
+    by = {(r["function"].split("(")[0], r["arch"]): r for r in rows}
+    assert set(by) == {(f, a) for f in ("spilling", "clean") for a in ("sm_90", "sm_80")}
+    for arch in ("sm_90", "sm_80"):
+        spill, clean = by["spilling", arch], by["clean", arch]
+        assert spill["status"] == "spill" and spill["registers"] <= 32, spill
+        assert spill["spill_store_bytes"] > 0 and spill["spill_load_bytes"] > 0
+        assert clean["status"] == "ok" and clean["spill_store_bytes"] == clean["spill_load_bytes"] == 0
+    broken = cuda_sources.check((90,), root=str(FIXTURES / "cuda_broken"), echo=lambda *a: None)
+    assert [r["status"] for r in broken] == ["error"] and "undeclared_name" in broken[0]["error"]
+
+    def verdict(cuda_rows):
+        return report.build([], cuda_rows, uncovered=[], problems=[], triton="-", python="-", seconds=0)["ok"]
+
+    assert verdict([by["clean", a] for a in ("sm_90", "sm_80")]) is True
+    assert verdict(rows) is False
+    assert verdict(broken) is False

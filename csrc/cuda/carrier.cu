@@ -51,8 +51,14 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// The minimum of 4 resident blocks (16 warps a SM to hide a GEMV's load latency) caps registers at
+// 128, which every instantiation fits. Without it ptxas picked its own lower register targets and
+// spilled a few cold values around the carrier loop (4-16 B in four fp32 add-path instantiations;
+// other loop shapes moved the spill to the half types); with the bound stated none spills.
+constexpr int kMinBlocksPerSM = 4;
+
 template <typename T, int TT, bool kBase>
-__global__ void __launch_bounds__(kWarps * 32)
+__global__ void __launch_bounds__(kWarps * 32, kMinBlocksPerSM)
 carrier_kernel(const T* __restrict__ x, int64_t xs, const T* __restrict__ base, const T* __restrict__ bias,
                T* __restrict__ y, int64_t tokens, int64_t n_out, int64_t n_in,
                const lcdd_carrier_view* __restrict__ views, int64_t n_views, const int32_t* __restrict__ ids,

@@ -9,21 +9,6 @@ import re
 import shutil
 import subprocess
 
-#: Open findings, listed so that the check stays strict about everything else: (instantiation,
-#: arch) -> the spill bytes (stores + loads) ptxas reported when it was found. More bytes, or
-#: any other spill, fails; these print as KNOWN. The decode kernel's fp32 add path (no base
-#: GEMV) spills 4 bytes at 48-56 registers on sm_80 only (not pressure: a uint4 load routed
-#: through a float4 overload and slimmer view loads did not remove it). Remove when fixed.
-KNOWN_SPILLS = {
-    ("void (anonymous namespace)::carrier_kernel<float, 16, false>", "sm_80"): 12,
-    ("void (anonymous namespace)::carrier_kernel<float, 8, false>", "sm_80"): 8,
-    # The same fp32 add path on sm_90 (nvcc 13.0, as the check compiles it): 8 B stores / 16 B
-    # loads at 56 registers and 4 B / 4 B at 40. Rolling the gather loops or capping fp32 at 8
-    # tokens a block moved the spill to the half-type instantiations instead; open.
-    ("void (anonymous namespace)::carrier_kernel<float, 16, false>", "sm_90"): 24,
-    ("void (anonymous namespace)::carrier_kernel<float, 2, false>", "sm_90"): 8,
-}
-
 _FUNC = re.compile(r"Compiling entry function '(\S+)' for '(sm_\d+a?)'")
 _PROPS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Used (\d+) registers")
@@ -77,9 +62,5 @@ def check(archs, root: str | None = None, echo=print) -> list[dict]:
     names = _demangle([r["function"] for r in rows])
     for r in rows:
         r["mangled"], r["function"] = r["function"], names.get(r["function"], r["function"])
-        name = r["function"]
-        known = KNOWN_SPILLS.get((name[: name.index(">(") + 1] if ">(" in name else name, r["arch"]))
-        if r["status"] == "spill" and known is not None and r["spill_store_bytes"] + r["spill_load_bytes"] <= known:
-            r["status"] = "known-spill"
     echo(f"  CUDA: {len(sources)} sources x {len(archs)} archs, {len(rows)} kernel instantiations")
     return rows
