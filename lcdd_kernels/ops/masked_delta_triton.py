@@ -214,6 +214,18 @@ def _dw_epilogue(p, w_ptr, b_ptr, r_ptr, c_ptr, dw_ptr, dr_part_ptr, dc_part_ptr
                 tl.store(dc_part_ptr + row * K + offs_k, part, mask=mask_k & (row * PART_N + 0 * offs_k < N))
 
 
+@triton.jit
+def _x_c_step(x_ptr, c_ptr, offs_m, mask_m, k0, K, stride_xt, stride_xk, BLOCK_K: tl.constexpr):
+    """One step of the forward kernels' K loop: the (BLOCK_M, BLOCK_K) tile of x and the column
+    mask's slice, with their offsets and bounds (both forward kernels walk K the same way)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < K
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xt + offs_k[None, :] * stride_xk,
+                mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+    c = tl.load(c_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    return x, c, offs_k, mask_k
+
+
 @_autotune(("BLOCK_M", "BLOCK_N", "BLOCK_K"), _GEMM_SHAPES, ["M_BUCKET", "N", "K"], _FMA_GEMM_SHAPES,
            untuned_fma=_FMA_GEMM_SHAPES[-1])
 @triton.jit
@@ -234,11 +246,7 @@ def _masked_delta_forward_kernel(
     r = tl.load(r_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xt + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        c = tl.load(c_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        x, c, offs_k, mask_k = _x_c_step(x_ptr, c_ptr, offs_m, mask_m, k0, K, stride_xt, stride_xk, BLOCK_K)
         offs_w = offs_n[None, :] * K + offs_k[:, None]  # the (BLOCK_K, BLOCK_N) tile of Wᵀ
         wt = _weff_tile(w_ptr + offs_w, b_ptr + offs_w, c[:, None] * r[None, :],
                         mask_k[:, None] & mask_n[None, :]).to(x_ptr.dtype.element_ty)
@@ -274,11 +282,7 @@ def _masked_delta_swiglu_forward_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xt + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        c = tl.load(c_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        x, c, offs_k, mask_k = _x_c_step(x_ptr, c_ptr, offs_m, mask_m, k0, K, stride_xt, stride_xk, BLOCK_K)
         offs_w = offs_n[None, :] * K + offs_k[:, None]  # the (BLOCK_K, BLOCK_N) tile of Wᵀ
         mask_w = mask_k[:, None] & mask_n[None, :]
         rc = c[:, None] * r[None, :]
