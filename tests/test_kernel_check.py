@@ -171,3 +171,58 @@ def test_cuda_spill_and_compile_error_fail_the_check():
     assert verdict([by["clean", a] for a in ("sm_90", "sm_80")]) is True
     assert verdict(rows) is False
     assert verdict(broken) is False
+
+
+
+def _device_matching():
+    """In a worker with TRITON_INTERPRET=0 (kernels defined for the compiler, as on a GPU): for a
+    sample of real launches, the rows of the table that device.matches pairs with each one's
+    CompiledKernel."""
+    import torch
+
+    from lcdd_kernels.kernel_check import compile as kc, device, record, report, scenarios
+
+    with record.recording() as rec:
+        for name, run in scenarios.scenarios("float32"):
+            if name.startswith("gather_channels_into") or name.startswith("carrier_add_ T=16 "):
+                rec.origin = f"float32 {name}"
+                run()
+        # and one launch that differs from a recorded one only in alignment: `out` 4 bytes off
+        from lcdd_kernels.ops import gather_triton
+
+        rec.origin = "float32 gather_channels_into C=64 index=int32, out misaligned"
+        hidden = torch.zeros(16, 32, 4096)
+        out = torch.empty(16 * 64 + 1)[1:].view(16, 64)
+        gather_triton.gather_channels_into(out, hidden, torch.zeros(16, dtype=torch.int64),
+                                           torch.zeros(64, dtype=torch.int32))
+    launches = list(rec.launches.values())
+    compiled = [kc.compile_kernel(launch, 90) for launch in launches]
+    rows = [report.row(launch, 90, kc.compile_launch(launch, 90), False) for launch in launches]
+    own = [[j for j, r in enumerate(rows) if device.matches(r, fn, kernel)] for fn, kernel, *_ in compiled]
+    return rows, own
+
+
+def test_device_comparison_finds_each_kernels_own_row():
+    """On the GPU, gpu_check.sh compares the driver's registers for every kernel a real launch
+    compiled with the row of the check's table for the same launch (kernel_check/device.py). Here,
+    with CompiledKernels from the same path (what the JIT caches), each one must match exactly its
+    own launch's row (same constexprs, config, signature and alignment) and no other."""
+    import json
+
+    from lcdd_kernels.kernel_check import runner
+
+    with runner._worker_pool(1, {"TRITON_INTERPRET": "0"}) as pool:
+        rows, own = pool.submit(_device_matching).result()
+    by_kernel = {}
+    for r in rows:
+        by_kernel.setdefault(r["kernel"], []).append(r)
+    # The sample holds launches of one kernel that differ in config only, and in signature only.
+    assert sorted(by_kernel) == ["_carrier_add_kernel", "_gather_channels_kernel"], sorted(by_kernel)
+    gather = by_kernel["_gather_channels_kernel"]
+    assert len({json.dumps(r["config"]) for r in gather}) > 1
+    assert len({json.dumps(r["signature"]) for r in gather}) > 1
+    off = [r for r in gather if "misaligned" in r["scenario"]]
+    assert len(off) == 1 and "out_ptr" not in off[0]["aligned"]
+    assert any(r["config"] == off[0]["config"] and r["signature"] == off[0]["signature"] and "out_ptr" in r["aligned"]
+               for r in gather)
+    assert own == [[i] for i in range(len(rows))], [(rows[i]["scenario"], o) for i, o in enumerate(own)]

@@ -55,8 +55,9 @@ def _binder_inputs(fn, launch: Launch, keep: list):
     return values, kwargs
 
 
-def compile_launch(launch: Launch, cc: int) -> dict:
-    """Compile ``launch`` for compute capability ``cc`` (80, 90); the record of :mod:`.report`."""
+def compile_kernel(launch: Launch, cc: int):
+    """``launch`` compiled for compute capability ``cc``: (the JITFunction, Triton's
+    CompiledKernel — what a real launch caches —, ptxas's report, the signature, the attrs)."""
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile, make_backend
@@ -80,7 +81,13 @@ def compile_launch(launch: Launch, cc: int) -> dict:
             kernel = triton_compile(src, target=target, options=options.__dict__)
     finally:
         knobs.nvidia.dump_ptxas_log = saved
-    usage = sass.ptxas_usage(out.getvalue(), kernel.metadata.name)
+    return fn, kernel, out.getvalue(), signature, attrs
+
+
+def compile_launch(launch: Launch, cc: int) -> dict:
+    """Compile ``launch`` for compute capability ``cc`` (80, 90); the record of :mod:`.report`."""
+    fn, kernel, log, signature, attrs = compile_kernel(launch, cc)
+    usage = sass.ptxas_usage(log, kernel.metadata.name)
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
@@ -91,7 +98,7 @@ def compile_launch(launch: Launch, cc: int) -> dict:
     warps = int(kernel.metadata.num_warps)
     return {
         "signature": {k: v for k, v in signature.items() if v != "constexpr"},
-        "aligned": sorted(k for k, v in _aligned(fn, attrs).items() if v),
+        "aligned": aligned(fn, attrs),
         "registers": usage["registers"],
         "spill_store_bytes": usage["spill_store_bytes"],
         "spill_load_bytes": usage["spill_load_bytes"],
@@ -106,7 +113,7 @@ def compile_launch(launch: Launch, cc: int) -> dict:
     }
 
 
-def _aligned(fn, attrs) -> dict:
-    """{argument name: has the divisibility-by-16 attribute} from the JIT's attrs."""
+def aligned(fn, attrs) -> list[str]:
+    """The arguments the JIT's attrs mark divisible by 16 (pointers aligned, integers), sorted."""
     names = [p.name for p in fn.params]
-    return {names[path[0]]: any(a and a[0] == "tt.divisibility" for a in vals) for path, vals in attrs.items()}
+    return sorted({names[path[0]] for path, vals in attrs.items() if any(a and a[0] == "tt.divisibility" for a in vals)})

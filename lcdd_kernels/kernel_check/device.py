@@ -23,7 +23,9 @@ def _compiled(fn):
             yield kernel.result() if hasattr(kernel, "result") else kernel
 
 
-def _matches(row: dict, fn, kernel) -> bool:
+def matches(row: dict, fn, kernel) -> bool:
+    """Is ``row`` of the check's table the launch that a device compiled into ``kernel``: same
+    kernel, constexprs and config, signature and specialisation?"""
     if row["kernel"] != fn.__name__ or row.get("status") == "error":
         return False
     names = [p.name for p in fn.params]
@@ -36,7 +38,12 @@ def _matches(row: dict, fn, kernel) -> bool:
         elif k in ("num_warps", "num_stages") and getattr(meta, k, v) != v:
             return False
     sig = {k: v for k, v in kernel.src.signature.items() if v != "constexpr"}
-    return sig == (row.get("signature") or sig)
+    if sig != (row.get("signature") or sig):
+        return False
+    # Launches of one config that differ in alignment or divisibility are different compiles.
+    from .compile import aligned
+
+    return row.get("aligned") is None or aligned(fn, kernel.src.attrs) == row["aligned"]
 
 
 def compare(table: str, dtypes=("bfloat16",)) -> dict:
@@ -60,7 +67,7 @@ def compare(table: str, dtypes=("bfloat16",)) -> dict:
         fn = jit_function(module, kernel_name)
         for k in _compiled(fn):
             k._init_handles()
-            match = [r for r in rows if _matches(r, fn, k)]
+            match = [r for r in rows if matches(r, fn, k)]
             out.append({"kernel": kernel_name, "device_regs": k.n_regs, "device_spills": k.n_spills,
                         "check_regs": [r["registers"] for r in match] or None,
                         "config": match[0]["config"] if match else None,
