@@ -32,11 +32,19 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKE
 export LCDD_CUDA_ARCHS=${LCDD_CUDA_ARCHS:-90}
 LCDD=("$PY" -m lcdd_kernels.cli)
 
+# GPU_CHECK_ONLY="name name ...": run only these stages (the rerun after a fix, or the stages the
+# first run's budget skipped); the others are listed as not selected.
+ONLY=${GPU_CHECK_ONLY:-}
+
 # stage NAME CAP_SECONDS COMMAND...: runs COMMAND under timeout (CAP, clipped to the time left),
 # appends its output to log.txt and one status line to the summary (the head of log.txt). Never stops the script.
 stage() {
     local name=$1 cap=$2
     shift 2
+    if [ -n "$ONLY" ] && [[ " $ONLY " != *" $name "* ]]; then
+        echo "$name: not selected (GPU_CHECK_ONLY)" >>"$SUMMARY"
+        return 0
+    fi
     local left=$((BUDGET_S - ($(date +%s) - START) - 5))
     ((cap > left)) && cap=$left
     if ((cap < 10)); then
@@ -78,6 +86,16 @@ PYTEST_OPTS=(-q -p no:cacheprovider --maxfail=25 --durations=10)
 KERNEL_TESTS=(tests/test_masked_delta.py tests/test_masked_delta_triton.py tests/test_masked_delta_memory_and_errors.py
               tests/test_carrier.py tests/test_carrier_bank.py tests/test_gather.py tests/test_eraser.py)
 stage tests-kernels 150 env LCDD_TRITON_AUTOTUNE=0 "$PY" -m pytest "${KERNEL_TESTS[@]}" "${PYTEST_OPTS[@]}"
+# 3a. The kernel check's prediction against the driver (issue 10), early because it is short: the
+#     check here (bf16, sm_90, the fixed configs the tests use), then the same scenarios launched for
+#     real and every compiled kernel's n_regs / n_spills compared with its row (kernels-gpu.json).
+KC_TMP=$(mktemp -d)
+stage check-kernels 60 "${LCDD[@]}" check-kernels --archs 90 --dtypes bfloat16 --no-cuda --fixed-configs-only \
+    --cache-dir "$KC_TMP" --out "$OUT/kc-table.tmp"
+stage kernels-vs-driver 60 env LCDD_TRITON_AUTOTUNE=0 "$PY" -m lcdd_kernels.kernel_check.device "$OUT/kc-table.tmp" \
+    --dtypes bfloat16 --out "$OUT/kc-device.tmp"
+rm -rf "$KC_TMP"
+
 # The compile stage's tests run there (test_library_ops on CUDA); test_compile.py is CPU-only.
 COMPILE_TESTS=(tests/test_library_ops.py tests/test_compile.py)
 stage tests-rest 60 env LCDD_TRITON_AUTOTUNE=0 "$PY" -m pytest tests "${KERNEL_TESTS[@]/#/--deselect=}" \
@@ -127,16 +145,10 @@ else
     echo "bench-serving: vLLM is not installed for $PY (stage skipped)" >>"$SUMMARY"
 fi
 
-# 7. Kernels: every measured row as a fraction of its floor (benchmarks/results/roofline-h200.json),
-#    then `lcdd check-kernels` here (bf16, sm_90) and the driver's registers/spills of every kernel
-#    the same scenarios compile for real, against the check's prediction. Both into kernels-gpu.json.
+# 7. Every measured row as a fraction of its floor (benchmarks/results/roofline-h200.json), into
+#    kernels-gpu.json beside the device-vs-check comparison of stage 3a.
 stage roofline 20 "$PY" -m lcdd_kernels.bench.roofline compare "$OUT/training-gpu.json" "$OUT/designs-gpu.json" \
     "$OUT/carrier-gpu.json" --out "$OUT/roofline.tmp"
-KC_TMP=$(mktemp -d)
-stage check-kernels 120 "${LCDD[@]}" check-kernels --archs 90 --dtypes bfloat16 --no-cuda --cache-dir "$KC_TMP" \
-    --out "$OUT/kc-table.tmp"
-stage kernels-vs-driver 120 "$PY" -m lcdd_kernels.kernel_check.device "$OUT/kc-table.tmp" --dtypes bfloat16 \
-    --out "$OUT/kc-device.tmp"
 "$PY" - "$OUT" <<'PYEOF' >>"$LOG" 2>&1
 import json, pathlib, sys
 out = pathlib.Path(sys.argv[1])
@@ -144,7 +156,6 @@ part = lambda name: json.loads((out / name).read_text()) if (out / name).exists(
 (out / "kernels-gpu.json").write_text(json.dumps(
     {"device_vs_check": part("kc-device.tmp"), "roofline": part("roofline.tmp")}, indent=1) + "\n")
 PYEOF
-rm -rf "$KC_TMP"
 
 echo "total: $(($(date +%s) - START))s of ${BUDGET_S}s" >>"$SUMMARY"
 { echo "===== summary"; cat "$SUMMARY"; echo; cat "$LOG"; } >"$OUT/log.new" && mv "$OUT/log.new" "$LOG"
