@@ -215,6 +215,20 @@ def _dw_epilogue(p, w_ptr, b_ptr, r_ptr, c_ptr, dw_ptr, dr_part_ptr, dc_part_ptr
 
 
 @triton.jit
+def _out_tile(r_ptr, T, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The forward kernels' output tile: token and row offsets (tokens in int64: T·stride can pass
+    2^31), their bounds, and the row mask's slice."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < T
+    mask_n = offs_n < N
+    r = tl.load(r_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    return offs_m, offs_n, mask_m, mask_n, r
+
+
+@triton.jit
 def _x_c_step(x_ptr, c_ptr, offs_m, mask_m, k0, K, stride_xt, stride_xk, BLOCK_K: tl.constexpr):
     """One step of the forward kernels' K loop: the (BLOCK_M, BLOCK_K) tile of x and the column
     mask's slice, with their offsets and bounds (both forward kernels walk K the same way)."""
@@ -237,13 +251,7 @@ def _masked_delta_forward_kernel(
 ):
     """out (T, N) = x W_effᵀ (+ bias). Token tiles vary fastest over the grid, so programs running
     together share weight tiles in L2. ``M_BUCKET`` only keys the autotuner."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < T
-    mask_n = offs_n < N
-    r = tl.load(r_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    offs_m, offs_n, mask_m, mask_n, r = _out_tile(r_ptr, T, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         x, c, offs_k, mask_k = _x_c_step(x_ptr, c_ptr, offs_m, mask_m, k0, K, stride_xt, stride_xk, BLOCK_K)
@@ -272,13 +280,7 @@ def _masked_delta_swiglu_forward_kernel(
     accumulators and forms two W_eff tiles per step: on the linear kernel's tiles (one
     accumulator) that is twice the registers, and ptxas spilled some of those configs (up to
     1.9 KB of stack per thread in the first check; lcdd_kernels/kernel_check finds them)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < T
-    mask_n = offs_n < N
-    r = tl.load(r_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    offs_m, offs_n, mask_m, mask_n, r = _out_tile(r_ptr, T, N, BLOCK_M, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
