@@ -215,17 +215,18 @@ def _dw_epilogue(p, w_ptr, b_ptr, r_ptr, c_ptr, dw_ptr, dr_part_ptr, dc_part_ptr
 
 
 @triton.jit
-def _out_tile(r_ptr, T, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The forward kernels' output tile: token and row offsets (tokens in int64: T·stride can pass
-    2^31), their bounds, and the row mask's slice."""
+def _out_tile(m_ptr, T, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The (BLOCK_M, BLOCK_N) output tile of a (T, N) result over the grid's first two axes: token
+    and column offsets (tokens in int64: T·stride can pass 2^31), their bounds, and the slice of
+    the channel mask along N (r for the forward kernels' rows, c for dx's columns)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < T
     mask_n = offs_n < N
-    r = tl.load(r_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-    return offs_m, offs_n, mask_m, mask_n, r
+    m = tl.load(m_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    return offs_m, offs_n, mask_m, mask_n, m
 
 
 @triton.jit
@@ -327,13 +328,7 @@ def _masked_delta_backward_dx_kernel(
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """dx (T, K) = G₀ W_eff (+ G₁ W2_eff when TWO), one fp32 accumulator; G is (T, 1 or 2, N)."""
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_k = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    mask_m = offs_m < T
-    mask_k = offs_k < K
-    c = tl.load(c_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    offs_m, offs_k, mask_m, mask_k, c = _out_tile(c_ptr, T, K, BLOCK_M, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     g_ptrs = g_ptr + offs_m[:, None] * stride_gt
     acc = _dx_accumulate(acc, g_ptrs, w_ptr, b_ptr, r_ptr, c, offs_k, mask_m, mask_k, N, K, stride_gn,
