@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 BUILD  ?= build/cmake
 STAMP  := $(VENV)/.lcdd-installed
 
-.PHONY: all install native test test-python test-native test-vllm fuzz check-kernels check-kernels-old bench demo clean distclean
+.PHONY: all install native test test-python test-native test-vllm fuzz check-kernels check-kernels-old bench demo docs clean distclean
 
 all: test
 
@@ -17,7 +17,7 @@ $(STAMP): setup.py pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q "setuptools>=64" wheel "pybind11>=2.12" "cmake>=3.24" ninja
-	LCDD_BUILD_DIR=$(BUILD) $(PIP) install -q --no-build-isolation -e '.[test]'
+	LCDD_BUILD_DIR=$(BUILD) $(PIP) install -q --no-build-isolation -e '.[test,docs]'
 	touch $@
 
 install: $(STAMP)
@@ -57,7 +57,13 @@ check-kernels-old: $(OLD_VENV)/.installed-$(TRITON_OLD)
 	PYTHONPATH=$(CURDIR) $(OLD_VENV)/bin/python -m lcdd_kernels.kernel_check --dtypes bfloat16 --no-cuda \
 		--cache-dir $(KC_DIR)-old --out $(KC_DIR)-old/table.json --summary $(KC_DIR)-old/summary.txt
 
-test: test-native test-python check-kernels check-kernels-old
+test: test-native test-python check-kernels check-kernels-old docs
+
+# The documentation site (mkdocs.yml, docs/) into build/docs. --strict fails on a broken link, a page
+# missing from the nav or an API reference that does not resolve; the build reads the sources
+# statically and needs no network.
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir build/docs
 
 # A long differential fuzz run: hypothesis profile "fuzz" (tests/conftest.py; `make test` runs the
 # same suites with the small, derandomized "ci" profile). Prints the cases checked per op/backend.
@@ -87,7 +93,7 @@ test-vllm: install
 	LCDD_VLLM_LOG=$(CURDIR)/$(VLLM_LOG) $(PY) -m pytest -q -rs tests/test_vllm_serving.py
 
 # Benchmarks on this machine (CPU, or the GPU when there is one) into $(BENCH_OUT) (not committed;
-# the committed results in benchmarks/results/ come from the commands in the README), then the
+# the committed results in benchmarks/results/ come from the commands in docs/benchmarks/index.md), then the
 # pytest-benchmark suites. benchmarks/gpu_check.sh is the whole GPU check.
 BENCH_OUT ?= bench-out
 bench: install

@@ -82,7 +82,7 @@ setup(
     # would let pip pull a multi-GB CUDA build.
     install_requires=[
         "torch>=2.4",
-        "triton>=3.5; platform_system == 'Linux'",  # 3.5 (torch 2.9) to 3.9: README, Checking the GPU kernels
+        "triton>=3.5; platform_system == 'Linux'",  # 3.5 (torch 2.9) to 3.9: docs/dev/kernel-check.md
         "transformers>=4.56",
         "safetensors>=0.4",
         "numpy",
@@ -97,6 +97,9 @@ setup(
                  # package installs (5.x; PEFT follows transformers closely, so a new minor is tried first)
                  "peft>=0.17,<0.22"],
         "build": ["pybind11>=2.12", "cmake>=3.24", "ninja"],
+        # make docs: mkdocs build --strict of mkdocs.yml; the versions its options were tested with
+        "docs": ["mkdocs>=1.6.1,<1.7", "mkdocs-material>=9.6,<10", "mkdocstrings>=1.0,<2",
+                 "mkdocstrings-python>=2.0,<3"],
     },
     entry_points={"console_scripts": ["lcdd=lcdd_kernels.cli:main"]},
     zip_safe=False,

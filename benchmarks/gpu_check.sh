@@ -86,7 +86,7 @@ PYTEST_OPTS=(-q -p no:cacheprovider --maxfail=25 --durations=10)
 KERNEL_TESTS=(tests/test_masked_delta.py tests/test_masked_delta_triton.py tests/test_masked_delta_memory_and_errors.py
               tests/test_carrier.py tests/test_carrier_bank.py tests/test_gather.py tests/test_eraser.py)
 stage tests-kernels 150 env LCDD_TRITON_AUTOTUNE=0 "$PY" -m pytest "${KERNEL_TESTS[@]}" "${PYTEST_OPTS[@]}"
-# 3a. The kernel check's prediction against the driver (issue 10), early because it is short: the
+# 3a. The kernel check's prediction against the driver, early because it is short: the
 #     check here (bf16, sm_90, the fixed configs the tests use), then the same scenarios launched for
 #     real and every compiled kernel's n_regs / n_spills compared with its row (kernels-gpu.json).
 KC_TMP=$(mktemp -d)
@@ -111,7 +111,7 @@ stage compile-cudagraph 60 "$PY" benchmarks/compile_decode.py --device cuda --dt
 
 # 4. Benchmarks, bf16 on the GPU (Triton autotuned unless GPU_BENCH_AUTOTUNE=0). Results are
 #    written after every shape, so a timeout keeps what was measured. GPU_BENCH_FULL=1 adds T=2048
-#    to the issue's T=8192.
+#    to the target's T=8192.
 export LCDD_TRITON_AUTOTUNE=${GPU_BENCH_AUTOTUNE:-1}
 QUICK=--quick
 [ "${GPU_BENCH_FULL:-0}" = 1 ] && QUICK=

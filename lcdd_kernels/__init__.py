@@ -1,4 +1,4 @@
-"""lcdd-kernels: fused kernels and tools for LCDD carriers (SPEC: ../shared/SPEC.md).
+"""lcdd-kernels: fused kernels and tools for LCDD carriers (the equations: docs/spec.md).
 
 Everything public is re-exported here. Names are resolved lazily from the table below, so that
 ``import lcdd_kernels`` stays cheap and never imports transformers, Triton or the compiled

@@ -1,4 +1,4 @@
-"""Corruption fuzzer for carrier directories (issue 14): every damaged directory must end in a
+"""Corruption fuzzer for carrier directories: every damaged directory must end in a
 correct load or a refusal that names the file, within bounded time and memory.
 
 Cases are made from valid carriers (format 2 with dense parts and θ, format 2 float16 sparse-only,

@@ -1,4 +1,4 @@
-"""A float64 oracle for every op, written from SPEC.md alone (§1, §4, §5).
+"""A float64 oracle for every op, written from docs/spec.md alone (§1, §4, §5).
 
 Independent of the package: nothing here imports lcdd_kernels, and the gradients are the SPEC's
 closed forms, not autograd through the ops' own ``*_ref`` functions. Every function takes and

@@ -189,7 +189,7 @@ def test_bank_gradient_to_x(backend):
     assert_close(f"{backend} dx", x1.grad, x2.grad)
 
 
-# ----- hardening (issue 14): any strides, degenerate shapes, unchecked ids ------------------------
+# ----- hardening: any strides, degenerate shapes, unchecked ids -----------------------------------
 
 
 def x_layouts(t, k, gen):

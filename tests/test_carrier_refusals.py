@@ -1,4 +1,4 @@
-"""Issue 14, items 4 and 6: a carrier directory that is damaged or hostile is refused quickly, with
+"""A carrier directory that is damaged or hostile is refused quickly, with
 an error naming the file and the field or tensor -- never a bare TypeError, RecursionError,
 Python's digit-limit error, a false index error, or gigabytes of memory."""
 

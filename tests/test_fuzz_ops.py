@@ -1,5 +1,5 @@
-"""Differential fuzzing of every op on every backend this machine runs, against tests/oracle.py
-(float64, written from SPEC.md, independent of the ops' own references).
+"""Differential fuzzing of every op on every backend that can run, against tests/oracle.py
+(float64, written from docs/spec.md, independent of the ops' own references).
 
 Random cases: shapes with 0 and 1 in every dimension, 1-D/2-D/3-D x, x contiguous, transposed,
 sliced or expanded (zero strides), fp64 where the backend computes it, fp32 and fp16; binary,

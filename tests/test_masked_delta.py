@@ -120,7 +120,7 @@ def test_linear_empty_batch(backend):
     assert torch.equal(w.grad, torch.zeros_like(w))
 
 
-# No input features, no outputs, no tokens (issue 14: "cannot reshape tensor of 0 elements" in the
+# No input features, no outputs, no tokens (not "cannot reshape tensor of 0 elements" from the
 # torch backend): the right empty or zero answer, and zero gradients of the right shapes.
 DEGENERATE = [((4,), 0, 5), ((4,), 6, 0), ((0,), 6, 5), ((2, 3), 0, 0), ((0,), 0, 3), ((3, 0), 5, 0)]
 

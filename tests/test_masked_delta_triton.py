@@ -53,7 +53,7 @@ def compare(names, out_name, out, ref_out, low_out, grads, ref_grads, low_grads,
         assert_close(f"d{name}", g.cpu(), rg, lg.cpu(), dtype)
 
 
-# (leading shape of x, K, N): the issue's odd shapes, a 3-D x, and sizes around the 64 tile edges
+# (leading shape of x, K, N): odd shapes, a 3-D x, and sizes around the 64 tile edges
 SHAPES = [((1,), 1, 1), ((3,), 5, 7), ((123,), 431, 97), ((2, 5), 33, 65), ((65,), 128, 64), ((64,), 65, 129)]
 
 
@@ -198,7 +198,7 @@ def test_bad_design_is_named(monkeypatch):
         L.masked_delta_linear(x, w, base, r, c, b, backend="triton")
 
 
-# ----- float64 (issue 14: the kernels accumulate in fp32 and returned wrong float64 values) --------
+# ----- float64 (the kernels accumulate in fp32: float64 is refused, not computed wrong) ------------
 
 
 def _f64_case():

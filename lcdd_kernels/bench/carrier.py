@@ -328,7 +328,7 @@ def _ratio(g):
     return _ratio_row(g["lcdd"])
 
 
-#: The issue's targets (issue 4, item 6), stated for a GPU in bf16; checked on whatever ran and
+#: The GPU targets, stated for bf16; checked on whatever ran and
 #: printed as pass / miss, never asserted. Where the limit depends on f, the value is rescaled.
 TARGETS = [
     common.Target("decode-one", "decode, one carrier: lcdd/base − f <= 1.02 (i.e. lcdd <= (1 + f + 0.02)·base)",

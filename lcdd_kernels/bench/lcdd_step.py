@@ -20,10 +20,10 @@ mostly the lm_head, which every provider pays alike); ``--vocab`` (e.g. 4096) or
 with a small batch give a case where the projections dominate.
 
 All providers are built side by side and timed in interleaved rounds (one step of each per round),
-so that a shared machine's drifting load slows them alike. Reported per provider: step time
+so that a drifting machine load slows them alike. Reported per provider: step time
 (median, p20–p80), tokens/s, peak memory (the tensors held —
 weights, frozen base, masks, optimizer state — plus the step's high-water mark), and ratios to
-plain-sft. Targets (issue 3): step time ≤ 1.1× plain-sft; peak ≤ plain-sft + one copy of the
+plain-sft. Targets: step time ≤ 1.1× plain-sft; peak ≤ plain-sft + one copy of the
 projection weights + 5% of plain-sft's peak.
 """
 

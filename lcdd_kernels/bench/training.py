@@ -246,7 +246,7 @@ def _speedup(g: dict) -> float | None:
     return a / b if a is not None and b else None
 
 
-#: The issue's targets (issue 2, item 7). Checked and printed, never asserted.
+#: The targets (GPU time and memory, CPU memory). Checked and printed, never asserted.
 TARGETS = [
     common.Target("gpu-time", "GPU bf16 T=8192, full fwd+bwd: lcdd time / dense <= 1.10",
                   _group_is("cuda", "bfloat16", 8192), lambda g: g["lcdd"].get("time_vs_baseline"), 1.10),

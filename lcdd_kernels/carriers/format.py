@@ -134,7 +134,7 @@ def summaries(stats: dict) -> tuple[dict, dict]:
 @dataclass
 class CarrierModule:
     """One projection's carrier. rows: (R,) int32, cols: (C,) int32, both sorted and unique;
-    delta: (R, C) = (W − B)[rows][:, cols]."""
+    delta: (R, C) = ``(W − B)[rows][:, cols]``."""
 
     rows: torch.Tensor
     cols: torch.Tensor

@@ -49,7 +49,7 @@ class EraserSettings:
 class DemoConfig:
     """Every setting of a demo run; the defaults are the full run (``lcdd demo``).
 
-    Toy-scale choices (README, "The demo"): the learning rates are those of a model trained from
+    Toy-scale choices (docs/guides/demo.md): the learning rates are those of a model trained from
     scratch, not the paper's 2e-5; ``lambda_min`` is 0.01 because the SFT loss of a fixed response
     is about 1e-6, so the budget ε = 1.3·baseline is out of reach as soon as a mask turns off and
     λ rests on its floor (LCDD then runs as a fixed L0 penalty of 0.01).
