@@ -31,3 +31,11 @@ def test_page_points_inside_the_repository(page):
 def test_docs_example_runs(page, index, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"{page}[python block {index}]", "exec"), {"__name__": "__docs__"})
+
+
+def test_readme_links_resolve():
+    """README.md is not part of the mkdocs build, so its relative links are checked here."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    targets = [t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in t]
+    missing = [t for t in targets if t and not (ROOT / t).exists()]
+    assert targets and not missing, f"README.md links to missing files: {missing}"
