@@ -92,7 +92,7 @@ test-vllm: install
 	LCDD_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python LCDD_VLLM_STAMP=$(CURDIR)/$(VLLM_STAMP) \
 	LCDD_VLLM_LOG=$(CURDIR)/$(VLLM_LOG) $(PY) -m pytest -q -rs tests/test_vllm_serving.py
 
-# Benchmarks on this machine (CPU, or the GPU when there is one) into $(BENCH_OUT) (not committed;
+# Benchmarks on the local CPU (or the GPU when there is one) into $(BENCH_OUT) (not committed;
 # the committed results in benchmarks/results/ come from the commands in docs/benchmarks/index.md), then the
 # pytest-benchmark suites. benchmarks/gpu_check.sh is the whole GPU check.
 BENCH_OUT ?= bench-out
