@@ -4,7 +4,7 @@ from the peaks, and the committed results file is the one the code writes."""
 import json
 import pathlib
 
-from lcdd_kernels.bench import carrier, roofline, training
+from lcdd_kernels.bench import carrier, masked_delta, roofline
 
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / roofline.DEFAULT_FILE
 
@@ -16,10 +16,10 @@ def test_results_file_is_current():
 def test_every_gpu_shape_and_provider_has_a_floor():
     rows = roofline.table()
     have = {(r["suite"], r["group"], r["provider"], r["mode"]) for r in rows}
-    for (dev, _), (models, tokens) in training.PLANS.items():
+    for (dev, _), (models, tokens) in masked_delta.PLANS.items():
         if dev == "cuda":
-            for case in training.cases(models, tokens):
-                for p in training.PROVIDERS + training.DESIGN_PROVIDERS:
+            for case in masked_delta.cases(models, tokens):
+                for p in masked_delta.PROVIDERS + masked_delta.DESIGN_PROVIDERS:
                     assert {("training", case["group"], p, m) for m in ("forward", "backward", "full")} <= have
     for (dev, _), (models, projs, tokens, sparsities, mixes, _) in carrier.PLANS.items():
         if dev == "cuda":
