@@ -7,7 +7,8 @@ The shapes come from the same tables as ``lcdd bench`` (lcdd_kernels.bench); hea
 import pytest
 import torch
 
-from lcdd_kernels.bench import common, training
+from lcdd_kernels.bench import masked_delta
+from lcdd_kernels.bench.command import DTYPES
 
 HEAVY_MODELS = {"llama-3-8b"}
 
@@ -15,7 +16,7 @@ HEAVY_MODELS = {"llama-3-8b"}
 def pytest_addoption(parser):
     g = parser.getgroup("lcdd bench")
     g.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda when available)")
-    g.addoption("--bench-dtype", default=None, choices=sorted(common.DTYPES),
+    g.addoption("--bench-dtype", default=None, choices=sorted(DTYPES),
                 help="default: bfloat16 on CUDA, float32 on CPU")
     g.addoption("--bench-T", type=int, default=None, help="tokens (default: 8192 on CUDA, 256 on CPU)")
     g.addoption("--bench-heavy", action="store_true", help="run the Llama-3-8B shapes on CPU too")
@@ -42,7 +43,7 @@ def pytest_generate_tests(metafunc):
     if "training_case" in metafunc.fixturenames:
         cuda = _device(metafunc.config).startswith("cuda")
         tokens = metafunc.config.getoption("--bench-T") or (8192 if cuda else 256)
-        cases = training.cases(("qwen3-0.6b", "llama-3-8b"), (tokens,))
+        cases = masked_delta.cases(("qwen3-0.6b", "llama-3-8b"), (tokens,))
         metafunc.parametrize("training_case", [
             pytest.param(c, id=c["group"].replace(" ", "-").replace("/", "+"),
                          marks=[pytest.mark.heavy] if c["model"] in HEAVY_MODELS else [])

@@ -10,7 +10,8 @@ import pytest
 from safetensors import safe_open
 
 import lcdd_kernels as L
-from lcdd_kernels.bench import adapter_sizes, common
+from lcdd_kernels.bench import adapter_sizes
+from lcdd_kernels.bench.shapes import projection_shapes
 from lcdd_kernels.models.tiny import tiny_model
 
 
@@ -46,7 +47,7 @@ def test_sizes_and_errors_are_those_of_the_exported_adapters(tmp_path, monkeypat
 
 
 def test_unmerged_projection_shapes_are_the_seven_projections():
-    names = [n for n, _, _ in common.projection_shapes("llama-3-8b", merge=False)]
+    names = [n for n, _, _ in projection_shapes("llama-3-8b", merge=False)]
     assert names == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    merged = common.projection_shapes("llama-3-8b")
+    merged = projection_shapes("llama-3-8b")
     assert sum(len(n.split("/")) for n, _, _ in merged) == 7 and len(merged) < 7

@@ -209,10 +209,10 @@ def test_masks_may_have_another_float_dtype():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_torch_backend_many_blocks(monkeypatch, dtype):
     # Force row and column blocking on small shapes: every block boundary path, in fp32 and fp16.
-    import lcdd_kernels.ops.masked_delta as md
+    from lcdd_kernels.ops import _blocks
 
-    monkeypatch.setattr(md, "_SINGLE_BLOCK_NUMEL", 256)
-    assert len(md._row_blocks(70, 50)) > 4 and len(md._row_blocks(50, 70)) > 4
+    monkeypatch.setattr(_blocks, "SINGLE_BLOCK_NUMEL", 256)
+    assert len(_blocks.row_blocks(70, 50)) > 4 and len(_blocks.row_blocks(50, 70)) > 4
     check_linear("torch", dtype, (13,), 50, 70)
     args = [a.to(dtype) for a in make_swiglu((11,), 50, 70, "soft")]
     ref_out, ref_grads = run(masked_delta_swiglu_ref, args, SWI_GRADS, torch.float64, "cpu")

@@ -87,11 +87,11 @@ def test_linear_some_gradients(design, grad_idx):
 def split_blocks(monkeypatch):
     """Force split with a block threshold small enough that these shapes take many blocks: row
     blocks of W_eff (forward), column blocks (dx), row blocks of P without dW, none a tile multiple."""
-    import lcdd_kernels.ops.masked_delta as md
+    from lcdd_kernels.ops import _blocks
 
     monkeypatch.setenv("LCDD_TRITON_DESIGN", "split")
-    monkeypatch.setattr(md, "_SINGLE_BLOCK_NUMEL", 1024)
-    assert len(md._row_blocks(130, 150)) > 5
+    monkeypatch.setattr(_blocks, "SINGLE_BLOCK_NUMEL", 1024)
+    assert len(_blocks.row_blocks(130, 150)) > 5
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -250,3 +250,16 @@ def test_float64_goes_to_torch_when_the_choice_is_automatic(monkeypatch):
     assert ran == []  # neither float64 call reached the Triton kernels
     L.masked_delta_linear(*[a.float() for a in (x, w.detach(), base, r, c, b)])
     assert ran == [torch.float32]
+
+
+def test_deprecated_module_functions_warn_and_run_the_registered_op():
+    # masked_delta_triton.masked_delta_{linear,swiglu} are kept for old callers: each says what to
+    # use instead and returns what the public function returns with backend="triton".
+    x, w, base, r, c, b = make_case((3,), 9, 7)
+    with pytest.warns(DeprecationWarning, match=r"lcdd_kernels.masked_delta_linear\(\.\.\., backend='triton'\)"):
+        old = M.masked_delta_linear(x, w, base, r, c, b)
+    assert torch.equal(old, L.masked_delta_linear(x, w, base, r, c, b, backend="triton"))
+    args = make_swiglu((3,), 9, 7)
+    with pytest.warns(DeprecationWarning, match=r"lcdd_kernels.masked_delta_swiglu\(\.\.\., backend='triton'\)"):
+        old = M.masked_delta_swiglu(*args)
+    assert torch.equal(old, L.masked_delta_swiglu(*args, backend="triton"))

@@ -24,7 +24,9 @@ import math
 
 import torch
 
-from . import common
+from .command import add_common_arguments, open_results, report
+from .rows import make_row, stamp
+from .shapes import MODEL_DIMS, projection_shapes
 from ..carriers.export import carrier_nbytes, lora_nbytes
 
 SUITE = "adapter-sizes"
@@ -34,7 +36,7 @@ MODELS = ("qwen3-0.6b", "llama-3-8b")
 
 
 def add_arguments(p) -> None:
-    common.add_common_arguments(p)
+    add_common_arguments(p)
     p.add_argument("--carrier", action="append", default=[], metavar="DIR",
                    help="also a real carrier directory (repeatable), e.g. demo-out/lcdd/carrier")
 
@@ -66,11 +68,11 @@ def _row(name: str, modules: list[tuple[int, int, int, int, torch.Tensor | None]
 def synthetic(model: str, sparsity: float, seed: int = 0) -> dict:
     g = torch.Generator().manual_seed(seed)
     mods = []
-    for name, n, k in common.projection_shapes(model, merge=False):
+    for name, n, k in projection_shapes(model, merge=False):
         r, c = round((1 - sparsity) * n), round((1 - sparsity) * k)
         delta = torch.randn(r, c, generator=g)
         mods.append((n, k, r, c, torch.linalg.svdvals(delta).double()))
-    return _row(f"synthetic/{model}/s={sparsity:.2f}", mods, common.MODEL_DIMS[model]["layers"], 2,
+    return _row(f"synthetic/{model}/s={sparsity:.2f}", mods, MODEL_DIMS[model]["layers"], 2,
                 {"model": model, "sparsity": sparsity, "delta": "iid Gaussian (worst case for truncation)"})
 
 
@@ -91,15 +93,15 @@ def real(directory: str) -> dict:
 
 
 def run(args) -> int:
-    results = common.open_results(args)
-    stamp = common.stamp("cpu", torch.float32)
+    results = open_results(args)
+    st = stamp("cpu", torch.float32)
     rows = []
     for d in args.carrier:
-        rows.append(common.make_row(SUITE, stamp, {}, "sizes", "bytes", **real(d)))
+        rows.append(make_row(SUITE, st, {}, "sizes", "bytes", **real(d)))
         print(f"measured {d}", flush=True)
     for model in MODELS[:1] if args.quick else MODELS:
         for s in SPARSITIES:
-            rows.append(common.make_row(SUITE, stamp, {}, "sizes", "bytes", **synthetic(model, s)))
+            rows.append(make_row(SUITE, st, {}, "sizes", "bytes", **synthetic(model, s)))
             print(f"measured {model} at sparsity {s}", flush=True)
 
     def mib(key):
@@ -113,4 +115,4 @@ def run(args) -> int:
     for k in RANKS:
         columns.append((f"r{k} MiB / err", lambda r, k=k: f"{r[f'lora_{k}_bytes'] / 2**20:.1f} / "
                                                        f"{r[f'lora_{k}_error']:.3f}"))
-    return common.report(rows, [], results, None, columns)
+    return report(rows, [], results, None, columns)

@@ -184,7 +184,7 @@ def _gen_world(model_name: str, device: str, dtype: torch.dtype, s: float):
 
 def _gen_model(name: str, seed: int, device: str, dtype: torch.dtype):
     from ..models.tiny import tiny_model
-    from .eraser import MODELS
+    from .decoder import MODELS
 
     family, over = ("qwen3", {}) if name == "tiny" else MODELS[name]
     return tiny_model(family, seed, dtype, **over).to(device).eval()

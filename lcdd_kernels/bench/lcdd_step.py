@@ -35,8 +35,15 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize as P
 
-from . import common
-from .training import MaskedDeltaParametrization
+from . import tables
+from .command import add_common_arguments, open_results, report, resolve_device_dtype
+from .masked_delta import MaskedDeltaParametrization
+from .memory import call_peak_bytes
+from .prepared import Prepared, zero_grads
+from .rows import add_ratios, device_name, make_row, stamp
+from .tables import _f
+from .targets import Target
+from .timing import quantiles_ms
 
 SUITE = "lcdd-step"
 PROVIDERS = ("plain-sft", "parametrize", "lcdd", "plain-sft-compiled", "lcdd-compiled")
@@ -130,7 +137,7 @@ def proj_flop_share(cfg, seq: int) -> float:
     return proj / (proj + attn + head)
 
 
-def prepare(case: dict, provider: str, device: str, dtype: str, compile_backend: str = "inductor") -> common.Prepared:
+def prepare(case: dict, provider: str, device: str, dtype: str, compile_backend: str = "inductor") -> Prepared:
     """Model, optimizers and one warm-up step (so optimizer state exists); ``forward`` runs one
     whole training step and returns the loss."""
     from ..dual import DualController
@@ -185,10 +192,10 @@ def prepare(case: dict, provider: str, device: str, dtype: str, compile_backend:
     info = {"tokens": case["batch"] * case["seq"], "proj_flop_share": proj_flop_share(model.config, case["seq"]),
             "first_step_s": first_s, "compile_s": first_s if compiled else None,
             "compile_backend": compile_backend if compiled else None}
-    return common.Prepared(forward=step, params=weights + masks, state=state, weight_bytes=weight_bytes, info=info)
+    return Prepared(forward=step, params=weights + masks, state=state, weight_bytes=weight_bytes, info=info)
 
 
-def _time_interleaved(preps: dict[str, common.Prepared], device: str, budget_s: float, min_reps: int = 3,
+def _time_interleaved(preps: dict[str, Prepared], device: str, budget_s: float, min_reps: int = 3,
                       max_reps: int = 50) -> dict[str, dict]:
     """Step times of every provider, measured in rounds (one step of each per round) so that a
     machine whose load drifts over minutes slows every provider alike. Median and p20/p80 in ms."""
@@ -198,7 +205,7 @@ def _time_interleaved(preps: dict[str, common.Prepared], device: str, budget_s: 
     while len(next(iter(times.values()))) < min_reps or (
             time.perf_counter() - start < budget_s and len(next(iter(times.values()))) < max_reps):
         for name, prep in preps.items():
-            common.zero_grads(prep.params)
+            zero_grads(prep.params)
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             t0 = time.perf_counter()
@@ -208,7 +215,7 @@ def _time_interleaved(preps: dict[str, common.Prepared], device: str, budget_s: 
             times[name].append((time.perf_counter() - t0) * 1e3)
     out = {}
     for name, ts in times.items():
-        out[name] = {**common.quantiles_ms(ts), "reps": len(ts), "timing": "interleaved rounds"}
+        out[name] = {**quantiles_ms(ts), "reps": len(ts), "timing": "interleaved rounds"}
     return out
 
 
@@ -228,7 +235,7 @@ def measure(case: dict, providers, device: str, dtype: str, budget_s: float, mem
                       call_peak_bytes=None, peak_bytes=None, memory_method=None)
     if memory and preps:
         for p, prep in preps.items():
-            out[p]["call_peak_bytes"] = common.call_peak_bytes(prep.forward, device, prep.params)
+            out[p]["call_peak_bytes"] = call_peak_bytes(prep.forward, device, prep.params)
             out[p]["memory_method"] = "cuda-allocator" if torch.device(device).type == "cuda" else "cpu-tensors"
             out[p]["peak_bytes"] = out[p]["state_bytes"] + out[p]["call_peak_bytes"]
     return out
@@ -247,20 +254,20 @@ def _mem_excess(g: dict) -> float | None:
 
 
 TARGETS = [
-    common.Target("step-time", "whole LCDD step: lcdd time / plain-sft <= 1.10", _applies,
-                  lambda g: g["lcdd"].get("time_vs_baseline"), 1.10),
-    common.Target("step-memory", "lcdd peak <= plain-sft + one projection-weight copy + 5% "
-                  "(value: excess over plain + W, as a share of plain's peak)", _applies, _mem_excess, 0.05),
+    Target("step-time", "whole LCDD step: lcdd time / plain-sft <= 1.10", _applies,
+           lambda g: g["lcdd"].get("time_vs_baseline"), 1.10),
+    Target("step-memory", "lcdd peak <= plain-sft + one projection-weight copy + 5% "
+           "(value: excess over plain + W, as a share of plain's peak)", _applies, _mem_excess, 0.05),
 ]
 
-COLUMNS = (common.COLUMNS[:5] + [("tokens/s", lambda r: common._f(r.get("tokens_per_s"), "{:.0f}")),
-                                  ("proj FLOPs", lambda r: common._f(r.get("proj_flop_share"), "{:.0%}")),
-                                  ("compile s", lambda r: common._f(r.get("compile_s"), "{:.1f}"))]
-           + common.COLUMNS[5:])
+COLUMNS = (tables.COLUMNS[:5] + [("tokens/s", lambda r: _f(r.get("tokens_per_s"), "{:.0f}")),
+                                  ("proj FLOPs", lambda r: _f(r.get("proj_flop_share"), "{:.0%}")),
+                                  ("compile s", lambda r: _f(r.get("compile_s"), "{:.1f}"))]
+           + tables.COLUMNS[5:])
 
 
 def add_arguments(p) -> None:
-    common.add_common_arguments(p, default_budget=5.0)
+    add_common_arguments(p, default_budget=5.0)
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: 4 on CPU, 28 on CUDA)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
@@ -271,12 +278,12 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    device, dtype = common.resolve_device_dtype(args)
+    device, dtype = resolve_device_dtype(args)
     providers = [p for p in args.providers.split(",") if p]
     bad = [p for p in providers if p not in PROVIDERS]
     if bad or BASELINE not in providers:
         raise ValueError(f"--providers: choose from {', '.join(PROVIDERS)} and include {BASELINE!r} (got {providers})")
-    results = common.open_results(args)
+    results = open_results(args)
     dtype_name = str(dtype).removeprefix("torch.")
     layers = args.layers or LAYERS[torch.device(device).type]
     if args.quick:
@@ -284,9 +291,9 @@ def run(args) -> int:
     vocab = f", vocab {args.vocab}" if args.vocab else ""
     case = {"group": f"qwen3-0.6b-shape x{layers} layers, {args.batch}x{args.seq} tokens{vocab}", "model": "qwen3-0.6b",
             "layers": layers, "batch": args.batch, "seq": args.seq, "vocab": args.vocab}
-    print(f"lcdd bench {SUITE}: {case['group']} on {common.device_name(device)}, {dtype_name}")
-    st = common.stamp(device, dtype)
+    print(f"lcdd bench {SUITE}: {case['group']} on {device_name(device)}, {dtype_name}")
+    st = stamp(device, dtype)
     measured = measure(case, providers, device, dtype_name, args.budget, not args.no_memory, args.compile_backend)
-    rows = [common.make_row(SUITE, st, case, p, "step", **measured[p]) for p in providers]
-    common.add_ratios(rows, BASELINE)
-    return common.report(rows, TARGETS, results, args.plot, COLUMNS)
+    rows = [make_row(SUITE, st, case, p, "step", **measured[p]) for p in providers]
+    add_ratios(rows, BASELINE)
+    return report(rows, TARGETS, results, args.plot, COLUMNS)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import common
+from .prepared import MODES
+from .results import load_results
 
 
 def plot_rows(rows: list[dict], out: str | Path) -> Path:
@@ -22,7 +23,7 @@ def plot_rows(rows: list[dict], out: str | Path) -> Path:
     if not rows:
         raise ValueError("no measured rows to plot (every row is missing or failed)")
     panels = sorted({(r["suite"], r["device"], r["dtype"]) for r in rows}, key=str)
-    modes = [m for m in common.MODES if any(r["mode"] == m for r in rows)]
+    modes = [m for m in MODES if any(r["mode"] == m for r in rows)]
     providers = list(dict.fromkeys(r["provider"] for r in rows if r["provider"] != r["baseline"]))
     colors = {p: f"C{i}" for i, p in enumerate(providers)}
     ncols = len(modes) + 1
@@ -78,6 +79,6 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     if Path(args.out).exists() and not args.force:
         raise FileExistsError(f"{args.out} exists; pass --force to replace it")
-    path = plot_rows(common.load_results(args.results)["rows"], args.out)
+    path = plot_rows(load_results(args.results)["rows"], args.out)
     print(f"wrote {path}")
     return 0

@@ -107,13 +107,13 @@ def _unique(cases):
 
 def table() -> list[dict]:
     """Every GPU-plan shape of the training and carrier suites, every provider and mode."""
-    from . import carrier, training
+    from . import carrier, masked_delta
 
     rows = []
-    plans = [v for (dev, _), v in training.PLANS.items() if dev == "cuda"]
-    cases = _unique(c for models, tokens in plans for c in training.cases(models, tokens))
+    plans = [v for (dev, _), v in masked_delta.PLANS.items() if dev == "cuda"]
+    cases = _unique(c for models, tokens in plans for c in masked_delta.cases(models, tokens))
     for case in cases:
-        for provider in training.PROVIDERS + training.DESIGN_PROVIDERS:
+        for provider in masked_delta.PROVIDERS + masked_delta.DESIGN_PROVIDERS:
             cost = (_linear_costs if case["op"] == "linear" else _swiglu_costs)(provider, case["T"], case["N"], case["K"])
             full = tuple(a + b for a, b in zip(cost["forward"], cost["backward"]))
             for mode, (fl, by) in (*cost.items(), ("full", full)):

@@ -5,9 +5,13 @@ from __future__ import annotations
 import importlib
 
 # suite name -> module in lcdd_kernels.bench providing add_arguments(parser) and run(args)
-# ("plot" is no suite: it draws any suite's results file)
+# ("plot" is no suite: it draws any suite's results file). An op's suite is also named for the
+# op: "masked-delta" is "training" under the op's name; "gather" runs the capture groups that
+# "eraser" runs next to its whole-step groups.
 SUITES = {
-    "training": "training",
+    "training": "masked_delta",
+    "masked-delta": "masked_delta",
+    "gather": "gather",
     "eraser": "eraser",
     "carrier": "carrier",
     "lcdd-step": "lcdd_step",

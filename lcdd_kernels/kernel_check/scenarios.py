@@ -21,7 +21,7 @@ import torch
 DTYPES = ("float32", "float16", "bfloat16")
 
 # Tokens, outputs, inputs of the masked-delta scenarios: N·K > the single-block limit of
-# ops/masked_delta.py, so the split design works on row blocks. Values are never read (the
+# ops/_blocks.py, so the split design works on row blocks. Values are never read (the
 # kernels do not run), so tensors are zeros and small: the host code's CPU GEMMs are
 # what the recording costs.
 _T, _N, _K = 16, 384, 256
@@ -59,7 +59,13 @@ def _param(shape, dtype, grad):
 
 
 def _masked_delta(dtype: torch.dtype):
+    """The registered ops (what ``lcdd_kernels.masked_delta_linear`` / ``masked_delta_swiglu``
+    call once they have checked the arguments and picked a backend) with backend "triton",
+    forward and every backward path. Called directly: the public functions refuse Triton on CPU
+    tensors without the interpreter, and the recording runs the host code for real with none."""
     from ..ops import masked_delta_triton as mdt
+
+    ops = torch.ops.lcdd
 
     grads = list(itertools.product((False, True), repeat=3))  # weight(s), r, c
     for design, tf32 in itertools.product(mdt.DESIGNS, (False, True) if dtype == torch.float32 else (False,)):
@@ -70,7 +76,7 @@ def _masked_delta(dtype: torch.dtype):
                 x = _param((_T, _K), dtype, True)
                 w, b = _param((_N, _K), dtype, gw), _param((_N, _K), dtype, False)
                 r, c = _param(_N, dtype, gr), _param(_K, dtype, gc)
-                y = mdt.masked_delta_linear(x, w, b, r, c, _param(_N, dtype, True) if bias else None)
+                y = ops.masked_delta_linear(x, w, b, r, c, _param(_N, dtype, True) if bias else None, "triton")
                 y.backward(torch.ones_like(y))
 
             yield name, design, tf32, linear
@@ -82,7 +88,8 @@ def _masked_delta(dtype: torch.dtype):
                 wg, bg = _param((_N, _K), dtype, gw), _param((_N, _K), dtype, False)
                 wu, bu = _param((_N, _K), dtype, gw), _param((_N, _K), dtype, False)
                 r, c = _param(_N, dtype, gr), _param(_K, dtype, gc)
-                h = mdt.masked_delta_swiglu(x, wg, bg, wu, bu, r, c)
+                # gu_scratch=True, as the public function passes: eager backward writes over gu
+                h = ops.masked_delta_swiglu(x, wg, bg, wu, bu, r, c, "triton", True)[0]
                 h.backward(torch.ones_like(h))
 
             yield name, design, tf32, swiglu

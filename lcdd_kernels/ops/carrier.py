@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from .. import _backend, _checks
 from . import _native
-from .masked_delta import _autocast, _flat
+from ._blocks import flat
+from .masked_delta import _autocast
 
 __all__ = ["carrier_linear", "bank_linear", "carrier_linear_ref", "bank_linear_ref", "CarrierTable"]
 
@@ -58,8 +59,8 @@ def bank_linear_ref(x, base_weight, carriers, carrier_ids, bias=None):
     """``carriers``: one (delta, rows, cols) or None per carrier id; ``carrier_ids``: (T,) with
     T = x.numel() / K, −1 for none. Returns (..., N)."""
     n, k = base_weight.shape
-    y = _flat(F.linear(x, base_weight, bias), n)
-    x2 = _flat(x, k)
+    y = flat(F.linear(x, base_weight, bias), n)
+    x2 = flat(x, k)
     for c, item in enumerate(carriers):
         if item is None:
             continue
@@ -196,7 +197,7 @@ def _torch_add_masked_(y2, x2, deltas, rows, cols, ids):
 
 def _table_forward(x, base_weight, bias, ids, views, deltas, rows, cols, max_rows, backend):
     n, k = base_weight.shape
-    x2 = _flat(x, k)
+    x2 = flat(x, k)
     # The kernels read rows of unit column stride, K apart at least (the C API's x_stride ≥ K).
     # An expanded x (row stride 0) is "contiguous" to torch when it has one row, so this copies
     # with clone, which always lays rows out K apart.
@@ -233,7 +234,7 @@ def _table_dx(gy, x_shape, base_weight, ids, deltas, rows, cols):
     rows for every token, kept where the id matches (plain PyTorch ops: a compiled backward
     traces them; no host sync)."""
     n, k = base_weight.shape
-    g2 = _flat(gy, n).to(base_weight.dtype)
+    g2 = flat(gy, n).to(base_weight.dtype)
     dx = torch.mm(g2, base_weight)
     for c, delta in enumerate(deltas):
         if delta.numel() == 0 or (ids is None and c > 0):

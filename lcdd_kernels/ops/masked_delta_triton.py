@@ -25,22 +25,23 @@ once, so many tokens favour ``split``. ``FUSED_MAX_TOKENS`` is the crossover.
 
 All accumulation is fp32 (``tl.dot`` into an fp32 accumulator, mask-gradient sums in fp32) with
 one rounding at the store, as cuBLAS does. Nothing weight-sized is saved for backward: the
-Functions save their inputs (and, for SwiGLU, the gate and up pre-activations in one (T, 2, F)
-buffer) and rebuild W_eff where needed.
+registered ops save their inputs (and, for SwiGLU, the gate and up pre-activations in one
+(T, 2, F) buffer) and rebuild W_eff where needed.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .masked_delta import _flat, _graph_is_kept, _row_blocks, swiglu_grads
+from ._blocks import row_blocks
 
-__all__ = ["masked_delta_linear", "masked_delta_swiglu", "choose_design", "DESIGNS", "FUSED_MAX_TOKENS"]
+__all__ = ["choose_design", "DESIGNS", "FUSED_MAX_TOKENS"]
 
 DESIGNS = ("fused", "split")
 
@@ -537,7 +538,7 @@ def _split_forward(x2, pairs, r, c, bias):
     out, gu = _outputs(x2, pairs)
     targets = [out] if gu is None else [gu[:, 0], gu[:, 1]]
     n, k = pairs[0][0].shape
-    for s, e in _row_blocks(n, k):
+    for s, e in row_blocks(n, k):
         weff = x2.new_empty(e - s, k)
         for (w, b), y in zip(pairs, targets):
             torch.mm(x2, _weff_into(weff, w[s:e], b[s:e], r[s:e], c).t(), out=y[:, s:e])
@@ -555,7 +556,7 @@ def _split_dx(g, pairs, r, c):
     k = pairs[0][0].shape[1]
     g_all = g.reshape(t, p * n)
     dx = g.new_empty(t, k)
-    for s, e in _row_blocks(k, n):  # the same blocking, over columns
+    for s, e in row_blocks(k, n):  # the same blocking, over columns
         weff = g.new_empty(p * n, e - s)
         for i, (w, b) in enumerate(pairs):
             _weff_into(weff[i * n:(i + 1) * n], w[:, s:e], b[:, s:e], r, c[s:e])
@@ -571,7 +572,7 @@ def _split_dw(g, x2, w, b, r, c, need_dw, need_dr, need_dc):
     n, k = w.shape
     bn, bk = _ELEM_BLOCK
     dw = torch.empty_like(w) if need_dw else None
-    blocks = [(0, n)] if need_dw else _row_blocks(n, k)
+    blocks = [(0, n)] if need_dw else row_blocks(n, k)
     f32 = dict(dtype=torch.float32, device=w.device)
     dr_part = torch.empty(triton.cdiv(k, bk), n, **f32) if need_dr else None
     dc_part = torch.empty(sum(triton.cdiv(e - s, bn) for s, e in blocks), k, **f32) if need_dc else None
@@ -600,81 +601,28 @@ _IMPL = {
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd Functions and the functions masked_delta.py calls
+# Deprecated entry points. The registered ops (torch.ops.lcdd.masked_delta_*, reached through
+# lcdd_kernels.masked_delta_linear / masked_delta_swiglu) are the one autograd path; these call
+# them with the Triton backend. (Importing this module imports lcdd_kernels.ops first, which
+# registers the ops.)
 # ---------------------------------------------------------------------------------------------
 
 
-class MaskedDeltaLinearFunction(torch.autograd.Function):
-    """Saves x, W, B, r, c only; the design chosen at forward time also runs the backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, base, r, c, bias):
-        k, n = x.shape[-1], weight.shape[0]
-        x2 = _flat(x, k)
-        design = choose_design(x2.shape[0])
-        y2, _ = _IMPL[design].forward(x2, [(weight.contiguous(), base.contiguous())], r, c, bias)
-        ctx.save_for_backward(x, weight, base, r, c)
-        ctx.design, ctx.has_bias = design, bias is not None
-        return y2.view(*x.shape[:-1], n)
-
-    @staticmethod
-    def backward(ctx, gy):
-        x, weight, base, r, c = ctx.saved_tensors
-        nx, nw, _, nr, nc, nb = ctx.needs_input_grad
-        impl = _IMPL[ctx.design]
-        k, n = x.shape[-1], weight.shape[0]
-        x2 = _flat(x, k)
-        g2 = _flat(gy, n).to(x.dtype)
-        w, b = weight.contiguous(), base.contiguous()
-        dx = impl.dx(g2[:, None], [(w, b)], r, c).view(x.shape) if nx else None
-        dw, dr, dc = impl.dw(g2, x2, w, b, r, c, nw, nr, nc)
-        return (
-            dx,
-            dw,
-            None,
-            dr.to(r.dtype) if nr else None,
-            dc.to(c.dtype) if nc else None,
-            g2.sum(0) if (nb and ctx.has_bias) else None,
-        )
-
-
-class MaskedDeltaSwiGLUFunction(torch.autograd.Function):
-    """Saves x, the weights, the masks and gu = (g, u) in one (T, 2, F) buffer; silu(g) is
-    recomputed in backward."""
-
-    @staticmethod
-    def forward(ctx, x, wg, bg, wu, bu, r, c):
-        k, f = x.shape[-1], wg.shape[0]
-        x2 = _flat(x, k)
-        design = choose_design(x2.shape[0])
-        pairs = [(wg.contiguous(), bg.contiguous()), (wu.contiguous(), bu.contiguous())]
-        h, gu = _IMPL[design].forward(x2, pairs, r, c, None)
-        ctx.save_for_backward(x, wg, bg, wu, bu, r, c, gu)
-        ctx.design = design
-        return h.view(*x.shape[:-1], f)
-
-    @staticmethod
-    def backward(ctx, dh):
-        x, wg, bg, wu, bu, r, c, gu = ctx.saved_tensors
-        nx, nwg, _, nwu, _, nr, nc = ctx.needs_input_grad
-        impl = _IMPL[ctx.design]
-        k, f = x.shape[-1], wg.shape[0]
-        x2 = _flat(x, k)
-        pairs = [(wg.contiguous(), bg.contiguous()), (wu.contiguous(), bu.contiguous())]
-        # Over the saved buffer unless the graph is retained: one (T, 2, F) buffer fewer at the
-        # MLP's backward peak (measured: +1.37 → +1.12 weight copies for Qwen3's SwiGLU, T=256).
-        dgu = _swiglu_backward(_flat(dh, f), gu, torch.empty_like(gu) if _graph_is_kept() else gu)
-        dx = impl.dx(dgu, pairs, r, c).view(x.shape) if nx else None
-        gate = impl.dw(dgu[:, 0], x2, *pairs[0], r, c, nwg, nr, nc)
-        up = impl.dw(dgu[:, 1], x2, *pairs[1], r, c, nwu, nr, nc)
-        return swiglu_grads(dx, gate, up, r, c, nr, nc)
+def _deprecated(name: str) -> None:
+    warnings.warn(f"lcdd_kernels.ops.masked_delta_triton.{name} is deprecated; use "
+                  f"lcdd_kernels.{name}(..., backend='triton') (it validates the arguments and casts the masks)",
+                  DeprecationWarning, stacklevel=3)
 
 
 def masked_delta_linear(x, weight, base, r, c, bias=None):
-    """x (..., K), weight/base (N, K), r (N,), c (K,) in x's dtype, bias (N,) or None → (..., N)."""
-    return MaskedDeltaLinearFunction.apply(x, weight, base, r, c, bias)
+    """Deprecated: ``lcdd_kernels.masked_delta_linear(..., backend="triton")``. x (..., K),
+    weight/base (N, K), r (N,), c (K,) in x's dtype, bias (N,) or None → (..., N)."""
+    _deprecated("masked_delta_linear")
+    return torch.ops.lcdd.masked_delta_linear(x, weight, base, r, c, bias, "triton")
 
 
 def masked_delta_swiglu(x, gate_weight, gate_base, up_weight, up_base, r, c):
-    """x (..., K), the four weights (F, K), r (F,), c (K,) in x's dtype → silu(g) · u, (..., F)."""
-    return MaskedDeltaSwiGLUFunction.apply(x, gate_weight, gate_base, up_weight, up_base, r, c)
+    """Deprecated: ``lcdd_kernels.masked_delta_swiglu(..., backend="triton")``. x (..., K), the
+    four weights (F, K), r (F,), c (K,) in x's dtype → silu(g) · u, (..., F)."""
+    _deprecated("masked_delta_swiglu")
+    return torch.ops.lcdd.masked_delta_swiglu(x, gate_weight, gate_base, up_weight, up_base, r, c, "triton", True)[0]

@@ -1,5 +1,8 @@
 """Masked-delta projection, training: dense vs parametrize vs lcdd (forward/backward/full).
 
+Run as ``lcdd bench masked-delta`` (or by its first name, ``lcdd bench training``); its rows
+carry ``"suite": "training"``.
+
 Providers, per projection of N outputs and K inputs, on T tokens:
 
 * ``dense``: a plain ``nn.Linear`` with a trainable weight, as in full SFT (the floor);
@@ -23,7 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize as P
 
-from . import common
+from .command import DTYPES, add_common_arguments, csv_of, open_results, report, resolve_device_dtype
+from .prepared import MODES, Prepared
+from .rows import device_name
+from .runner import run_matrix
+from .shapes import MODEL_DIMS, projection_shapes
+from .targets import Target
 
 SUITE = "training"
 PROVIDERS = ("dense", "parametrize", "lcdd")
@@ -33,7 +41,7 @@ DESIGN_PROVIDERS = ("lcdd-fused", "lcdd-split")
 BASELINE = "dense"
 OPS = ("linear", "swiglu")
 #: This module's setup entry point, by name (a memory measurement may rerun it in a subprocess).
-PREPARE = "lcdd_kernels.bench.training:prepare"
+PREPARE = "lcdd_kernels.bench.masked_delta:prepare"
 
 #: (device type, quick) -> (models, token counts). GPU targets are stated at T = 8192.
 PLANS = {
@@ -110,7 +118,7 @@ def _weights(n: int, k: int, device: str, dtype: torch.dtype, g: torch.Generator
 def _common(case: dict, provider: str, device: str, dtype: str, seed: int, n_weights: int, mask_mean: float):
     if provider not in PROVIDERS + DESIGN_PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS + DESIGN_PROVIDERS)}")
-    dt = common.DTYPES[dtype]
+    dt = DTYPES[dtype]
     g = _generator(device, seed)
     x = torch.randn(case["T"], case["K"], generator=g, device=device, dtype=dt).requires_grad_()
     pairs = [_weights(case["N"], case["K"], device, dt, g, provider != "dense") for _ in range(n_weights)]
@@ -128,7 +136,9 @@ def _lcdd_call(provider: str, op: str, call, device: str, backend: str | None, t
     """(forward, info) for the lcdd providers: the backend that runs and, on Triton, the design.
 
     ``lcdd-fused`` / ``lcdd-split`` force the Triton backend and, through LCDD_TRITON_DESIGN around
-    the forward (the Function keeps its design for backward), one design."""
+    the forward, one design for the forward. The registered op's backward chooses its design again
+    when it runs, outside this context: in modes ``backward`` and ``full`` these providers time the
+    forced design's forward with the automatic design's backward."""
     from ..ops import masked_delta
 
     design = provider.partition("-")[2] or None
@@ -157,7 +167,7 @@ def _lcdd_call(provider: str, op: str, call, device: str, backend: str | None, t
 
 
 def setup_linear(case: dict, provider: str, device: str, dtype: str, backend: str | None = None,
-                 seed: int = 0, mask_mean: float = 1.5) -> common.Prepared:
+                 seed: int = 0, mask_mean: float = 1.5) -> Prepared:
     """One projection: x (T, K) → (T, N); W, B (N, K); row mask (N,), column mask (K,).
 
     Every provider draws the same x and W from ``seed`` (and the same B and mask logits
@@ -165,29 +175,29 @@ def setup_linear(case: dict, provider: str, device: str, dtype: str, backend: st
     x, [(w, b)], masks, wbytes = _common(case, provider, device, dtype, seed, 1, mask_mean)
     if provider == "dense":
         layer = _linear(w)
-        return common.Prepared(lambda: layer(x), [x, layer.weight], [x, w], wbytes)
+        return Prepared(lambda: layer(x), [x, layer.weight], [x, w], wbytes)
     rows, cols = masks
     state = [x, w, b, rows.theta, cols.theta]
     if provider == "parametrize":
         layer = parametrized_linear(w, b, rows.theta, cols.theta)
         params = [x, layer.parametrizations.weight.original, rows.theta, cols.theta]
-        return common.Prepared(lambda: layer(x), params, state, wbytes)
+        return Prepared(lambda: layer(x), params, state, wbytes)
     from ..ops.masked_delta import masked_delta_linear
 
     w = nn.Parameter(w)
     forward, info = _lcdd_call(provider, "masked_delta_linear",
                                lambda be: masked_delta_linear(x, w, b, rows(), cols(), backend=be),
                                device, backend, case["T"])
-    return common.Prepared(forward, [x, w, rows.theta, cols.theta], state, wbytes, info)
+    return Prepared(forward, [x, w, rows.theta, cols.theta], state, wbytes, info)
 
 
 def setup_swiglu(case: dict, provider: str, device: str, dtype: str, backend: str | None = None,
-                 seed: int = 0, mask_mean: float = 1.5) -> common.Prepared:
+                 seed: int = 0, mask_mean: float = 1.5) -> Prepared:
     """Gate and up (N = d_ff, K = d): ``silu(x·Wgᵀ) ⊙ (x·Wuᵀ)``; masks ffn_hidden (N,), ffn_read (K,)."""
     x, [(wg, bg), (wu, bu)], masks, wbytes = _common(case, provider, device, dtype, seed, 2, mask_mean)
     if provider == "dense":
         gate, up = _linear(wg), _linear(wu)
-        return common.Prepared(lambda: F.silu(gate(x)) * up(x), [x, gate.weight, up.weight], [x, wg, wu], wbytes)
+        return Prepared(lambda: F.silu(gate(x)) * up(x), [x, gate.weight, up.weight], [x, wg, wu], wbytes)
     hidden, read = masks
     state = [x, wg, bg, wu, bu, hidden.theta, read.theta]
     if provider == "parametrize":
@@ -195,21 +205,21 @@ def setup_swiglu(case: dict, provider: str, device: str, dtype: str, backend: st
         up = parametrized_linear(wu, bu, hidden.theta, read.theta)
         params = [x, gate.parametrizations.weight.original, up.parametrizations.weight.original,
                   hidden.theta, read.theta]
-        return common.Prepared(lambda: F.silu(gate(x)) * up(x), params, state, wbytes)
+        return Prepared(lambda: F.silu(gate(x)) * up(x), params, state, wbytes)
     from ..ops.masked_delta import masked_delta_swiglu
 
     wg, wu = nn.Parameter(wg), nn.Parameter(wu)
     forward, info = _lcdd_call(provider, "masked_delta_swiglu",
                                lambda be: masked_delta_swiglu(x, wg, bg, wu, bu, hidden(), read(), backend=be),
                                device, backend, case["T"])
-    return common.Prepared(forward, [x, wg, wu, hidden.theta, read.theta], state, wbytes, info)
+    return Prepared(forward, [x, wg, wu, hidden.theta, read.theta], state, wbytes, info)
 
 
 SETUP = {"linear": setup_linear, "swiglu": setup_swiglu}
 
 
-def prepare(case: dict, provider: str, device: str, dtype: str, **options) -> common.Prepared:
-    """The suite's setup entry point (see lcdd_kernels.bench.common.run_matrix)."""
+def prepare(case: dict, provider: str, device: str, dtype: str, **options) -> Prepared:
+    """The suite's setup entry point (see lcdd_kernels.bench.runner.run_matrix)."""
     return SETUP[case["op"]](case, provider, device, dtype, **options)
 
 
@@ -220,11 +230,11 @@ def cases(models, tokens, ops=OPS) -> list[dict]:
     for t in tokens:
         for model in models:
             if "linear" in ops:
-                for proj, n, k in common.projection_shapes(model):
+                for proj, n, k in projection_shapes(model):
                     out.append({"group": f"{model} {proj} T={t}", "op": "linear", "model": model, "proj": proj,
                                 "T": t, "N": n, "K": k})
             if "swiglu" in ops:
-                dims = common.MODEL_DIMS[model]
+                dims = MODEL_DIMS[model]
                 out.append({"group": f"{model} swiglu T={t}", "op": "swiglu", "model": model,
                             "proj": "gate_proj+up_proj", "T": t, "N": dims["d_ff"], "K": dims["d"]})
     return out
@@ -248,16 +258,16 @@ def _speedup(g: dict) -> float | None:
 
 #: The targets (GPU time and memory, CPU memory). Checked and printed, never asserted.
 TARGETS = [
-    common.Target("gpu-time", "GPU bf16 T=8192, full fwd+bwd: lcdd time / dense <= 1.10",
-                  _group_is("cuda", "bfloat16", 8192), lambda g: g["lcdd"].get("time_vs_baseline"), 1.10),
-    common.Target("gpu-vs-parametrize", "GPU bf16 T=8192, full: parametrize time / lcdd time >= 1.5",
-                  _group_is("cuda", "bfloat16", 8192, ("lcdd", "parametrize")), _speedup, 1.5, ">="),
-    common.Target("gpu-memory", "GPU bf16 T=8192, full: lcdd peak <= dense + one base-weight copy "
-                  "(extra weight copies <= 1.0)",
-                  _group_is("cuda", "bfloat16", 8192), lambda g: g["lcdd"].get("extra_weight_copies"), 1.0),
-    common.Target("cpu-memory", "CPU fp32, full: lcdd extra peak memory over dense <= 1.1 weight copies "
-                  "(parametrize needs about five)",
-                  _group_is("cpu", "float32", None), lambda g: g["lcdd"].get("extra_weight_copies"), 1.1),
+    Target("gpu-time", "GPU bf16 T=8192, full fwd+bwd: lcdd time / dense <= 1.10",
+           _group_is("cuda", "bfloat16", 8192), lambda g: g["lcdd"].get("time_vs_baseline"), 1.10),
+    Target("gpu-vs-parametrize", "GPU bf16 T=8192, full: parametrize time / lcdd time >= 1.5",
+           _group_is("cuda", "bfloat16", 8192, ("lcdd", "parametrize")), _speedup, 1.5, ">="),
+    Target("gpu-memory", "GPU bf16 T=8192, full: lcdd peak <= dense + one base-weight copy "
+           "(extra weight copies <= 1.0)",
+           _group_is("cuda", "bfloat16", 8192), lambda g: g["lcdd"].get("extra_weight_copies"), 1.0),
+    Target("cpu-memory", "CPU fp32, full: lcdd extra peak memory over dense <= 1.1 weight copies "
+           "(parametrize needs about five)",
+           _group_is("cpu", "float32", None), lambda g: g["lcdd"].get("extra_weight_copies"), 1.1),
 ]
 
 
@@ -265,33 +275,33 @@ TARGETS = [
 
 
 def add_arguments(p) -> None:
-    common.add_common_arguments(p)
-    p.add_argument("--models", type=common.csv_of(str), default=None,
-                   help=f"comma list from {', '.join(common.MODEL_DIMS)} (default: by device and --quick)")
-    p.add_argument("--T", type=common.csv_of(int), default=None, dest="tokens", help="comma list of token counts")
-    p.add_argument("--ops", type=common.csv_of(str), default=OPS, help="linear,swiglu")
-    p.add_argument("--providers", type=common.csv_of(str), default=PROVIDERS,
+    add_common_arguments(p)
+    p.add_argument("--models", type=csv_of(str), default=None,
+                   help=f"comma list from {', '.join(MODEL_DIMS)} (default: by device and --quick)")
+    p.add_argument("--T", type=csv_of(int), default=None, dest="tokens", help="comma list of token counts")
+    p.add_argument("--ops", type=csv_of(str), default=OPS, help="linear,swiglu")
+    p.add_argument("--providers", type=csv_of(str), default=PROVIDERS,
                    help=f"from {','.join(PROVIDERS + DESIGN_PROVIDERS)} (default {','.join(PROVIDERS)})")
-    p.add_argument("--modes", type=common.csv_of(str), default=common.MODES, help=",".join(common.MODES))
+    p.add_argument("--modes", type=csv_of(str), default=MODES, help=",".join(MODES))
     p.add_argument("--lcdd-backend", default=None, help="force the lcdd provider's backend (default: auto)")
 
 
 def run(args) -> int:
-    device, dtype = common.resolve_device_dtype(args)
+    device, dtype = resolve_device_dtype(args)
     for name, given, known in (("--providers", args.providers, PROVIDERS + DESIGN_PROVIDERS),
-                               ("--modes", args.modes, common.MODES),
-                               ("--ops", args.ops, OPS), ("--models", args.models or (), common.MODEL_DIMS)):
+                               ("--modes", args.modes, MODES),
+                               ("--ops", args.ops, OPS), ("--models", args.models or (), MODEL_DIMS)):
         bad = [v for v in given if v not in known]
         if bad:
             raise ValueError(f"{name}: unknown {', '.join(bad)}; choose from {', '.join(known)}")
     if BASELINE not in args.providers:
         raise ValueError(f"--providers must include the baseline {BASELINE!r} (ratios are taken against it)")
-    results = common.open_results(args)
+    results = open_results(args)
     models, tokens = PLANS[(torch.device(device).type, bool(args.quick))]
     todo = cases(args.models or models, args.tokens or tokens, args.ops)
     print(f"lcdd bench {SUITE}: {len(todo)} shapes x {len(args.providers)} providers x {len(args.modes)} modes "
-          f"on {common.device_name(device)}, {dtype}")
-    rows = common.run_matrix(SUITE, PREPARE, todo, args.providers, args.modes, device, dtype, BASELINE,
-                             options={"backend": args.lcdd_backend}, budget_s=args.budget,
-                             memory=not args.no_memory, results=results)
-    return common.report(rows, TARGETS, results, args.plot)
+          f"on {device_name(device)}, {dtype}")
+    rows = run_matrix(SUITE, PREPARE, todo, args.providers, args.modes, device, dtype, BASELINE,
+                      options={"backend": args.lcdd_backend}, budget_s=args.budget,
+                      memory=not args.no_memory, results=results)
+    return report(rows, TARGETS, results, args.plot)
