@@ -493,16 +493,26 @@ def _check_header(cfg: dict, header: dict, d: Path) -> list[tuple[int, object, s
     return paths
 
 
-def load_carrier(directory: str | os.PathLike, device: torch.device | str = "cpu") -> Carrier:
+def load_carrier(directory: str | os.PathLike, device: torch.device | str = "cpu",
+                 verify: str | os.PathLike | None = None) -> Carrier:
     """Read and validate a carrier directory written by :meth:`Carrier.save` (format 1 or 2).
 
     Every config field, tensor key, dtype, shape, index and (format 2) content hash is checked,
     cheap consistency checks first; the config's counts must agree with the tensors. A damaged or
     mismatched file raises a ValueError naming the file and the tensor or field.
+
+    ``verify``: a PEM public key; the carrier must then carry a signature by its private key over
+    exactly these files (:func:`~lcdd_kernels.carriers.signing.verify_carrier`), or a
+    :class:`~lcdd_kernels.carriers.signing.CarrierSignatureError` says why not (unsigned, another
+    key, changed content). Without it, signatures are not looked at.
     """
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"carrier directory {d} does not exist")
+    if verify is not None:
+        from .signing import verify_carrier
+
+        verify_carrier(d, verify)
     cfg = read_config(d)
     fam, dims = cfg["_family"], cfg["_dims"]
     header = read_header(d / WEIGHTS_NAME)
