@@ -61,14 +61,15 @@ def _carrier_dir(directory) -> Path:
 
 
 def _diff_summary(msg: str) -> str:
-    """model-signing's manifest diff as file names only (it prints the raw digests)."""
+    """model-signing's manifest diff (the repr of a list of sentences with raw digests) as file
+    names only."""
+    q = r"\\?['\"]"  # a quote, escaped or not, as repr() writes it
     parts = []
-    changed = re.findall(r"Hash mismatch for '([^']+)'", msg)
+    changed = re.findall(rf"Hash mismatch for {q}(.+?){q}: Expected", msg)
     if changed:
         parts.append("changed: " + ", ".join(changed))
-    for label, pattern in (("added", r"Extra files found in model '[^']*': ([^\"\]]+)"),
-                           ("removed", r"Missing files in model '[^']*': ([^\"\]]+)")):
-        m = re.search(pattern, msg)
+    for label, head in (("added", "Extra files found in model"), ("removed", "Missing files in model")):
+        m = re.search(rf"{head} {q}.*?{q}: (.+?)[\"'](?:, [\"']|\]$)", msg)
         if m:
             parts.append(f"{label}: {m.group(1).strip()}")
     return "; ".join(parts) or msg
