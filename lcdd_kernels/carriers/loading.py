@@ -509,6 +509,35 @@ def load_carrier(directory: str | os.PathLike, device: torch.device | str = "cpu
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"carrier directory {d} does not exist")
+    # A writer publishing a new version (Carrier.save swaps whole directories) while this reads can
+    # hand it files of two versions, or a verified version and then another; the directory's inode
+    # tells: read again when it changed.
+    for attempt in range(_READ_TRIES):
+        before = _dir_id(d)
+        try:
+            carrier = _load_once(d, device, verify)
+        except (ValueError, OSError):
+            if attempt + 1 < _READ_TRIES and _dir_id(d) != before:
+                continue
+            raise
+        if verify is None or _dir_id(d) == before:
+            return carrier
+    raise RuntimeError(f"{d} was replaced {_READ_TRIES} times while it was being verified and read; "
+                       "load it when its writer is done")
+
+
+_READ_TRIES = 3
+
+
+def _dir_id(d: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(d)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _load_once(d: Path, device, verify) -> Carrier:
     if verify is not None:
         from .signing import verify_carrier
 
