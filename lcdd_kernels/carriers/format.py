@@ -255,6 +255,7 @@ class Carrier:
         from safetensors.torch import save_file
 
         from ..atomic import publish_dir
+        from .signing import SIGNATURE_NAME
 
         d = Path(directory)
         if d.exists() and not d.is_dir():
@@ -272,8 +273,6 @@ class Carrier:
             raise FileExistsError(reason)
         tensors = self.tensors()
         config = json.dumps(self.config(tensors), indent=2)
-        from .signing import SIGNATURE_NAME
-
         # the old writer's temporary names are owned too: a leftover of theirs is not carried over
         owned = {n for name in (CONFIG_NAME, WEIGHTS_NAME, THETA_NAME) for n in (name, f".{name}.tmp")}
         with publish_dir(d, conflict=conflict, owned=owned | {SIGNATURE_NAME}) as tmp:
