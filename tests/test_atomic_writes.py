@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -194,6 +195,7 @@ def test_readers_see_whole_versions_while_a_writer_replaces(carriers, tmp_path):
         try:
             for i in range(12):
                 (new if i % 2 else old).save(target, overwrite=True)
+                time.sleep(0.02)  # room for whole reads between the swaps, as well as reads across them
             code = 0
         finally:
             os._exit(code)
