@@ -67,11 +67,14 @@ docs: install
 
 # A long differential fuzz run: hypothesis profile "fuzz" (tests/conftest.py; `make test` runs the
 # same suites with the small, derandomized "ci" profile). Prints the cases checked per op/backend.
-# Then the carrier-file corruption fuzzer (tests/fuzz_carrier_files.py; 60 cases run in `make test`).
+# Then the carrier-file corruption fuzzer (tests/fuzz_carrier_files.py; 60 cases run in `make test`),
+# then writers killed at every step of a save and training killed and resumed (tests/fuzz_atomic.py).
 FUZZ_CARRIER_CASES ?= 2000
+FUZZ_ATOMIC_ROUNDS ?= 20
 fuzz: native
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz_ops.py
 	$(PY) -m tests.fuzz_carrier_files --cases $(FUZZ_CARRIER_CASES)
+	$(PY) -m tests.fuzz_atomic --rounds $(FUZZ_ATOMIC_ROUNDS)
 
 # The vLLM check (CI runs it after `make test`): carriers exported with export_peft, served by vLLM
 # offline and through its OpenAI-compatible server, against the package's own CarrierBank. vLLM

@@ -95,7 +95,12 @@ setup(
                  # tests/test_export_peft.py loads exported carriers with the real PEFT. >=0.17: the
                  # first with SHiRA; <0.22: the newest release tested with the transformers this
                  # package installs (5.x; PEFT follows transformers closely, so a new minor is tried first)
-                 "peft>=0.17,<0.22"],
+                 "peft>=0.17,<0.22",
+                 # tests/test_signing.py signs and verifies carriers (the `sign` extra)
+                 "model-signing>=1.1,<2", "pyopenssl>=24"],
+        # signed carriers (lcdd sign, load_carrier(verify=...)): OpenSSF model-signing, key based and
+        # offline; its 1.1 release imports pyOpenSSL without declaring it
+        "sign": ["model-signing>=1.1,<2", "pyopenssl>=24"],
         "build": ["pybind11>=2.12", "cmake>=3.24", "ninja"],
         # make docs: mkdocs build --strict of mkdocs.yml; the versions its options were tested with
         "docs": ["mkdocs>=1.6.1,<1.7", "mkdocs-material>=9.6,<10", "mkdocstrings>=1.0,<2",

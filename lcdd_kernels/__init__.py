@@ -44,6 +44,12 @@ _EXPORTS: dict[str, str] = {
     "base_fingerprint": ".carriers.format",
     "apply_carrier": ".carriers.apply",
     "export_peft": ".carriers.export",
+    # signed carriers and atomic writes
+    "sign_carrier": ".carriers.signing",
+    "verify_carrier": ".carriers.signing",
+    "CarrierSignatureError": ".carriers.signing",
+    "publish_dir": ".atomic",
+    "write_file_atomic": ".atomic",
     # training (SPEC §3)
     "train_sft": ".train.loop",
     "train_lcdd": ".train.loop",
@@ -89,6 +95,8 @@ if TYPE_CHECKING:  # pragma: no cover - for static tools only
         extract_carrier,
     )
     from .carriers.loading import load_carrier  # noqa: F401
+    from .carriers.signing import CarrierSignatureError, sign_carrier, verify_carrier  # noqa: F401
+    from .atomic import publish_dir, write_file_atomic  # noqa: F401
     from .masks import HeavisideMask, heaviside_st  # noqa: F401
     from .ops.carrier import bank_linear, carrier_linear  # noqa: F401
     from .models.authors import load_authors_masks  # noqa: F401

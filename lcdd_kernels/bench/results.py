@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+from ..atomic import write_file_atomic
+
 SCHEMA = "lcdd-bench/1"
 
 
@@ -33,9 +35,7 @@ class ResultsFile:
 
     def write(self, rows: list[dict], targets: list[dict] = ()) -> None:
         data = {"schema": SCHEMA, "rows": self.old_rows + list(rows), "targets": self.old_targets + list(targets)}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, self.path)
+        write_file_atomic(self.path, json.dumps(data, indent=1) + "\n")
 
 
 def load_results(path: str | os.PathLike) -> dict:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -471,23 +472,41 @@ class BankLinear(nn.Module):
         return _bank_linear(x, self.weight, self.bias, self.bank, self.path, ids)
 
 
-def _carrier_list(carriers) -> list[tuple[str | None, object]]:
+def _carrier_list(carriers, verify=None) -> list[tuple[str | None, object]]:
+    """(name, Carrier) pairs; carrier directories (paths) are loaded here, checked against the
+    public key ``verify`` when it is given (loaded Carrier objects cannot be, so they are refused)."""
+    def one(c):
+        if isinstance(c, (str, os.PathLike)):
+            from .loading import load_carrier
+
+            return load_carrier(c, verify=verify)
+        if verify is not None:
+            raise TypeError("apply_carrier_bank(verify=...) checks the signatures of carrier directories: pass "
+                            f"their paths, not loaded {type(c).__name__} objects")
+        return c
+
+    def is_one(c):
+        return hasattr(c, "modules") or isinstance(c, (str, os.PathLike))
+
     if carriers is None:
         return []
     if isinstance(carriers, Mapping) and not hasattr(carriers, "modules") and all(
-            isinstance(k, str) and hasattr(v, "modules") for k, v in carriers.items()):
-        return list(carriers.items())  # {name: Carrier}
-    if hasattr(carriers, "modules"):
-        return [(None, carriers)]
-    return [(None, c) for c in carriers]
+            isinstance(k, str) and is_one(v) for k, v in carriers.items()):
+        return [(k, one(v)) for k, v in carriers.items()]  # {name: Carrier or directory}
+    if is_one(carriers):
+        return [(None, one(carriers))]
+    return [(None, one(c)) for c in carriers]
 
 
-def apply_carrier_bank(model: nn.Module, carriers=None, allow_fingerprint_mismatch: bool = False) -> CarrierBank:
+def apply_carrier_bank(model: nn.Module, carriers=None, allow_fingerprint_mismatch: bool = False,
+                       verify: str | os.PathLike | None = None) -> CarrierBank:
     """Serve ``model`` (a base Llama / Mistral / Qwen2 / Qwen3 causal LM) with many carriers.
 
     Every projection becomes a :class:`BankLinear` sharing the original weight, every RMSNorm a
     :class:`BankNorm` (each sequence gets its carrier's dense norm weights and biases); ``carriers`` (a
-    Carrier, a list of them, or {name: Carrier}) are added in order (ids 0, 1, ...). Returns the
+    Carrier or carrier directory, a list of them, or {name: either}) are added in order (ids 0, 1,
+    ...). ``verify``: a PEM public key; every carrier must then be given as a directory signed by
+    its private key (``load_carrier(dir, verify=...)``), or nothing is patched. Returns the
     bank: ``with bank.carriers([0, 2, None]): model.generate(...)`` runs sequence i with carrier
     ``ids[i]``; ``bank.add`` / ``bank.remove`` change the carriers at any time; ``bank.restore()``
     undoes the patch. The base weights are fingerprinted once here; a carrier trained against
@@ -498,6 +517,7 @@ def apply_carrier_bank(model: nn.Module, carriers=None, allow_fingerprint_mismat
     from ..models.swap import ModuleSwaps
     from .format import base_fingerprint, check_compatible
 
+    listed = _carrier_list(carriers, verify)  # loaded and verified before the model is touched
     paths = plain_linear_paths(model, "apply_carrier_bank",
                                "undo the other patch (handle.remove() / bank.restore()) first")
     first = model.get_submodule(paths[0][2]).weight
@@ -517,7 +537,7 @@ def apply_carrier_bank(model: nn.Module, carriers=None, allow_fingerprint_mismat
     bank.dense_shapes = {f"{p}.weight": tuple(m.weight.shape) for p, m in norms.items()}
     bank.dense_shapes.update({f"{p}.bias": tuple(model.get_submodule(p).bias.shape) for _, _, p in paths
                               if model.get_submodule(p).bias is not None})
-    for name, carrier in _carrier_list(carriers):
+    for name, carrier in listed:
         bank.add(carrier, name=name)
     swaps = ModuleSwaps(model)
     for _, _, path in paths:

@@ -364,25 +364,36 @@ def probe_logit_change(base_model, carrier: Carrier, approx: Carrier, probe: tor
 # ---------------------------------------------------------------------------------------------
 
 
+def _out_dir_conflict(out: Path, overwrite: bool):
+    def conflict(existing: Path) -> str | None:
+        if any(existing.iterdir()) and not overwrite:
+            return (f"{out} exists and is not empty; choose a new directory or pass overwrite=True "
+                    "(CLI: --overwrite) to replace the adapter there")
+        return None
+
+    return conflict
+
+
 def _check_out_dir(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty; choose a new directory or pass overwrite=True "
-                              "(CLI: --overwrite) to replace the adapter there")
+    reason = _out_dir_conflict(out, overwrite)(out) if out.is_dir() else None
+    if reason:
+        raise FileExistsError(reason)
 
 
-def _write(out: Path, tensors: dict[str, torch.Tensor], config: dict, report: dict) -> None:
+def _write(out: Path, tensors: dict[str, torch.Tensor], config: dict, report: dict, overwrite: bool) -> None:
+    """The adapter files, published atomically (a crash leaves the whole old or the whole new
+    adapter); other files already in ``out`` are kept."""
     from safetensors.torch import save_file
 
-    out.mkdir(parents=True, exist_ok=True)
-    writes = [(WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
-              (REPORT_NAME, lambda p: Path(p).write_text(json.dumps(report, indent=2), encoding="utf-8")),
-              (CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2), encoding="utf-8"))]
-    for name, write in writes:  # config last: a directory with a config is a complete adapter
-        tmp = out / f".{name}.tmp"
-        write(str(tmp))
-        os.replace(tmp, out / name)
+    from ..atomic import publish_dir
+
+    owned = {n for name in (WEIGHTS_NAME, REPORT_NAME, CONFIG_NAME) for n in (name, f".{name}.tmp")}
+    with publish_dir(out, conflict=_out_dir_conflict(out, overwrite), owned=owned) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / REPORT_NAME).write_text(json.dumps(report, indent=2), encoding="utf-8")
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def export_peft(carrier: Carrier, out_dir: str | os.PathLike, kind: str = "lora", max_rank: int | None = None,
@@ -460,5 +471,5 @@ def export_peft(carrier: Carrier, out_dir: str | os.PathLike, kind: str = "lora"
     meta = {"source": {"base_model": carrier.base_name, "base_fingerprint": carrier.base_fingerprint,
                        "family": carrier.family, "carrier_metadata": carrier.metadata},
             "report": report.to_dict()}
-    _write(out, tensors, config, meta)
+    _write(out, tensors, config, meta, overwrite)
     return report

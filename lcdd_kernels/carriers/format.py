@@ -248,30 +248,38 @@ class Carrier:
 
     def save(self, directory: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the carrier into ``directory`` (created if needed). Refuses to replace an existing
-        carrier there unless ``overwrite=True``; files are written whole, then renamed into place."""
+        carrier there unless ``overwrite=True``. The directory is published atomically and durably
+        (:func:`lcdd_kernels.atomic.publish_dir`): a crash at any point leaves the whole old carrier
+        or the whole new one; other files already in ``directory`` are kept, a signature of the old
+        carrier is not."""
         from safetensors.torch import save_file
+
+        from ..atomic import publish_dir
+        from .signing import SIGNATURE_NAME
 
         d = Path(directory)
         if d.exists() and not d.is_dir():
             raise FileExistsError(f"{d} exists and is not a directory")
-        existing = [n for n in (CONFIG_NAME, WEIGHTS_NAME, THETA_NAME) if (d / n).exists()]
-        if existing and not overwrite:
-            raise FileExistsError(f"{d} already holds a carrier ({', '.join(existing)}); choose another "
-                                  "directory or pass overwrite=True (CLI: --overwrite)")
-        d.mkdir(parents=True, exist_ok=True)
+
+        def conflict(existing: Path) -> str | None:
+            names = [n for n in (CONFIG_NAME, WEIGHTS_NAME, THETA_NAME) if (existing / n).exists()]
+            if names and not overwrite:
+                return (f"{d} already holds a carrier ({', '.join(names)}); choose another "
+                        "directory or pass overwrite=True (CLI: --overwrite)")
+            return None
+
+        reason = conflict(d) if d.is_dir() else None
+        if reason:
+            raise FileExistsError(reason)
         tensors = self.tensors()
-        writes = [(WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))]
-        if self.theta is not None:
-            theta = {"theta": self._theta32()}
-            writes.append((THETA_NAME, lambda p: save_file(theta, p, metadata={"format": "pt"})))
-        elif (d / THETA_NAME).exists():
-            (d / THETA_NAME).unlink()  # overwrite=True: a stale θ must not pass for this carrier's
         config = json.dumps(self.config(tensors), indent=2)
-        writes.append((CONFIG_NAME, lambda p: Path(p).write_text(config, encoding="utf-8")))
-        for name, write in writes:  # config last: a directory with a config is a complete carrier
-            tmp = d / f".{name}.tmp"
-            write(str(tmp))
-            os.replace(tmp, d / name)
+        # the old writer's temporary names are owned too: a leftover of theirs is not carried over
+        owned = {n for name in (CONFIG_NAME, WEIGHTS_NAME, THETA_NAME) for n in (name, f".{name}.tmp")}
+        with publish_dir(d, conflict=conflict, owned=owned | {SIGNATURE_NAME}) as tmp:
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+            if self.theta is not None:
+                save_file({"theta": self._theta32()}, str(tmp / THETA_NAME), metadata={"format": "pt"})
+            (tmp / CONFIG_NAME).write_text(config, encoding="utf-8")
         return d
 
 

@@ -493,16 +493,55 @@ def _check_header(cfg: dict, header: dict, d: Path) -> list[tuple[int, object, s
     return paths
 
 
-def load_carrier(directory: str | os.PathLike, device: torch.device | str = "cpu") -> Carrier:
+def load_carrier(directory: str | os.PathLike, device: torch.device | str = "cpu",
+                 verify: str | os.PathLike | None = None) -> Carrier:
     """Read and validate a carrier directory written by :meth:`Carrier.save` (format 1 or 2).
 
     Every config field, tensor key, dtype, shape, index and (format 2) content hash is checked,
     cheap consistency checks first; the config's counts must agree with the tensors. A damaged or
     mismatched file raises a ValueError naming the file and the tensor or field.
+
+    ``verify``: a PEM public key; the carrier must then carry a signature by its private key over
+    exactly these files (:func:`~lcdd_kernels.carriers.signing.verify_carrier`), or a
+    :class:`~lcdd_kernels.carriers.signing.CarrierSignatureError` says why not (unsigned, another
+    key, changed content). Without it, signatures are not looked at.
     """
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"carrier directory {d} does not exist")
+    # A writer publishing a new version (Carrier.save swaps whole directories) while this reads can
+    # hand it files of two versions, or a verified version and then another; the directory's inode
+    # tells: read again when it changed.
+    for attempt in range(_READ_TRIES):
+        before = _dir_id(d)
+        try:
+            carrier = _load_once(d, device, verify)
+        except (ValueError, OSError):
+            if attempt + 1 < _READ_TRIES and _dir_id(d) != before:
+                continue
+            raise
+        if verify is None or _dir_id(d) == before:
+            return carrier
+    raise RuntimeError(f"{d} was replaced {_READ_TRIES} times while it was being verified and read; "
+                       "load it when its writer is done")
+
+
+_READ_TRIES = 3
+
+
+def _dir_id(d: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(d)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _load_once(d: Path, device, verify) -> Carrier:
+    if verify is not None:
+        from .signing import verify_carrier
+
+        verify_carrier(d, verify)
     cfg = read_config(d)
     fam, dims = cfg["_family"], cfg["_dims"]
     header = read_header(d / WEIGHTS_NAME)

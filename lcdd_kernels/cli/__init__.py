@@ -22,6 +22,7 @@ _MODULES = {
     "eval": "lcdd eval: fixed-response rate, KL and choice accuracy, with or without a trigger (SPEC §6)",
     "train": "lcdd train-sft / train-lcdd: phase 1 SFT and phase 2 LCDD training (SPEC §3)",
     "carrier": "lcdd extract / inspect: write a carrier from trained weights and masks, show one (SPEC §4)",
+    "sign": "lcdd sign: sign a carrier with an elliptic-curve key; --verify PUBLIC.pem checks it on load",
     "export": "lcdd export: a carrier as a PEFT adapter (exact LoRA or SHiRA), for PEFT and vLLM",
     "demo": "lcdd demo: the whole method end to end on a CPU (base, SFT, LCDD, carrier, SFT-Eraser)",
     "check_kernels": "lcdd check-kernels: every GPU kernel compiled for sm_90/sm_80, no compile error, no spill",

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from . import models_io as io
+from .sign import add_verify_argument
 
 
 def register(sub) -> None:
@@ -25,6 +26,7 @@ def register(sub) -> None:
 
     p = sub.add_parser("inspect", help="per-layer, per-group sparsity and size of a carrier")
     p.add_argument("dir", metavar="DIR", help="carrier directory")
+    add_verify_argument(p)
     p.add_argument("--json", action="store_true", help="print the statistics as JSON")
     p.set_defaults(func=run_inspect)
 
@@ -103,7 +105,7 @@ def run_inspect(args) -> int:
     from ..carriers.format import load_carrier
     from ..models.families import GROUPS
 
-    c = load_carrier(args.dir)
+    c = load_carrier(args.dir, verify=args.verify)
     stats, n = c.stats(), c.num_parameters()
     elem = c.dtype.itemsize
     nbytes = c.nbytes()

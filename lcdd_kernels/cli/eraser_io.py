@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import models_io as io
+from .sign import add_verify_argument
 
 
 
@@ -27,6 +28,7 @@ def add_model_arguments(p, need_base: bool) -> None:
     p.add_argument("--model", default=None, metavar="DIR",
                    help="Hugging Face directory of a dense LCDD model (default: the base with --carrier applied)")
     p.add_argument("--carrier", default=None, metavar="DIR", help="carrier directory (lcdd extract --out)")
+    add_verify_argument(p)
     p.add_argument("--base", default=None, metavar="DIR",
                    help="Hugging Face directory of the base model" + (" (required)" if need_base else ""))
     p.add_argument("--tiny", default=None, choices=io.TINY_FAMILIES,
@@ -64,9 +66,11 @@ def build_world(args, need_base: bool) -> World:
 
     if args.tiny and args.base:
         raise ValueError("pass either --tiny FAMILY or --base DIR, not both")
+    if args.verify and not args.carrier:
+        raise ValueError("--verify checks the signature of --carrier DIR; pass the carrier directory too")
     if args.tiny:
         base, tok = io.load_base(args)
-        carrier = load_carrier(args.carrier) if args.carrier else random_tiny_carrier(args.tiny)
+        carrier = load_carrier(args.carrier, verify=args.verify) if args.carrier else random_tiny_carrier(args.tiny)
     else:
         if args.model is None and (args.base is None or args.carrier is None):
             raise ValueError("pass --model DIR, or --base DIR with --carrier DIR (the base with the carrier "
@@ -75,7 +79,7 @@ def build_world(args, need_base: bool) -> World:
             raise ValueError("--base DIR is required: the eraser matches the base model's activations")
         base = io.load_model(args.base, args) if args.base else None
         tok = io.load_tokenizer(args.model or args.base)
-        carrier = load_carrier(args.carrier) if args.carrier else None
+        carrier = load_carrier(args.carrier, verify=args.verify) if args.carrier else None
     if args.model is not None:
         model = io.load_model(args.model, args)
     else:

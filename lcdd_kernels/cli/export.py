@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from . import models_io as io
+from .sign import add_verify_argument
 
 FORMATS = {"peft-lora": "lora", "peft-shira": "shira"}
 
@@ -32,6 +33,7 @@ def register(sub) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda for the probe (default: cuda when available)")
     p.add_argument("--allow-fingerprint-mismatch", action="store_true",
                    help="probe with a base whose weights differ from the carrier's recorded fingerprint")
+    add_verify_argument(p)
     p.set_defaults(func=run)
 
 
@@ -41,7 +43,7 @@ def run(args) -> int:
     from ..carriers.export import export_peft
     from ..carriers.format import load_carrier
 
-    carrier = load_carrier(args.carrier)
+    carrier = load_carrier(args.carrier, verify=args.verify)
     base = None
     if args.tiny or args.base:
         base, _ = io.load_base(args)

@@ -239,6 +239,7 @@ def _versions() -> dict:
 def run_demo(cfg: DemoConfig, out: str | os.PathLike, progress: bool = True, log=print) -> dict:
     """Run every phase into the (new or empty) directory ``out``; returns the report dict and
     writes ``report.json``, ``report.md`` and the plots there."""
+    from ..atomic import publish_dir
     from ..carriers.apply import apply_carrier
     from ..carriers.format import load_carrier
     from ..dual import DualController
@@ -270,9 +271,10 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, progress: bool = True, log
                           evaluate=ev.exact_match, progress=progress)
         log(f"phase 0: base model trained in {times['base']:.0f} s ({len(base_log)} steps)")
     base.eval().requires_grad_(False)
-    base.save_pretrained(out / "base")
-    tok.save_pretrained(out / "base")
-    (out / "base" / BASE_META).write_text(json.dumps(_base_identity(cfg), indent=2) + "\n", encoding="utf-8")
+    with publish_dir(out / "base") as staged:
+        base.save_pretrained(staged)
+        tok.save_pretrained(staged)
+        (staged / BASE_META).write_text(json.dumps(_base_identity(cfg), indent=2) + "\n", encoding="utf-8")
 
     # Phase 1: full SFT on the fixed response.
     sft = copy.deepcopy(base).requires_grad_(True)

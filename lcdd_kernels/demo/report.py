@@ -168,12 +168,14 @@ def plot_stages(report: dict, png: Path) -> None:
 
 def write_report(report: dict, out: Path) -> None:
     """report.json (everything but the per-step curves), curves.json, report.md and the plots."""
+    from ..atomic import write_file_atomic
+
     out = Path(out)
     curves = report["curves"]
     body = {k: v for k, v in report.items() if k != "curves"}
-    (out / "curves.json").write_text(json.dumps(curves) + "\n", encoding="utf-8")
+    write_file_atomic(out / "curves.json", json.dumps(curves) + "\n")
     plot_curves(curves, out / "curves.png")
     plot_sparsity(report["carrier"], out / "sparsity_heatmap.png")
     plot_stages(report, out / "stages.png")
-    (out / "report.md").write_text(markdown(report), encoding="utf-8")
-    (out / "report.json").write_text(json.dumps(body, indent=2) + "\n", encoding="utf-8")
+    write_file_atomic(out / "report.md", markdown(report))
+    write_file_atomic(out / "report.json", json.dumps(body, indent=2) + "\n")

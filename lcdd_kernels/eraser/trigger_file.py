@@ -47,24 +47,33 @@ def _dims(model) -> dict:
 def save_trigger(directory: str | os.PathLike, result: EraserResult, model, overwrite: bool = False) -> Path:
     """Write ``result`` into ``directory`` for ``model`` (the LCDD model it was optimised against).
 
-    Refuses to replace an existing trigger unless ``overwrite=True``; files are written whole,
-    then renamed into place (the JSON last: a directory with a JSON is a complete trigger).
+    Refuses to replace an existing trigger unless ``overwrite=True``. The directory is published
+    atomically and durably (:func:`lcdd_kernels.atomic.publish_dir`): a crash leaves the whole old
+    trigger or the whole new one; other files already in ``directory`` are kept.
     """
     from safetensors.torch import save_file
 
     from .. import __version__
 
+    from ..atomic import publish_dir
+
     d = Path(directory)
     if d.exists() and not d.is_dir():
         raise FileExistsError(f"{d} exists and is not a directory")
-    existing = [n for n in (WEIGHTS_NAME, META_NAME) if (d / n).exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{d} already holds a trigger ({', '.join(existing)}); choose another "
-                              "directory or pass overwrite=True (CLI: --overwrite)")
+
+    def conflict(existing: Path) -> str | None:
+        names = [n for n in (WEIGHTS_NAME, META_NAME) if (existing / n).exists()]
+        if names and not overwrite:
+            return (f"{d} already holds a trigger ({', '.join(names)}); choose another "
+                    "directory or pass overwrite=True (CLI: --overwrite)")
+        return None
+
+    reason = conflict(d) if d.is_dir() else None
+    if reason:
+        raise FileExistsError(reason)
     if result.trigger.shape[-1] != model.config.hidden_size:
         raise ValueError(f"save_trigger: the trigger has width {result.trigger.shape[-1]} but the model's "
                          f"hidden size is {model.config.hidden_size}; is this the model it was optimised for?")
-    d.mkdir(parents=True, exist_ok=True)
     tensors = {"trigger": result.trigger.detach().float().cpu().contiguous()}
     tensors.update({f"channels.{layer}": idx.long().cpu().contiguous() for layer, idx in result.channels.items()})
     meta = {
@@ -80,11 +89,10 @@ def save_trigger(directory: str | os.PathLike, result: EraserResult, model, over
         "curves": result.curves,
         "lcdd_kernels_version": __version__,
     }
-    for name, write in ((WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"})),
-                        (META_NAME, lambda p: Path(p).write_text(json.dumps(meta, indent=1), encoding="utf-8"))):
-        tmp = d / f".{name}.tmp"
-        write(str(tmp))
-        os.replace(tmp, d / name)
+    owned = {n for name in (WEIGHTS_NAME, META_NAME) for n in (name, f".{name}.tmp")}
+    with publish_dir(d, conflict=conflict, owned=owned) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return d
 
 

@@ -68,10 +68,18 @@ def main() -> int:
     with open(job_path, encoding="utf-8") as f:
         job = json.load(f)
     result = run(job)
+    # lcdd_kernels.atomic.write_file_atomic's steps inline (this file imports nothing from the package)
     tmp = out_path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(result, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, out_path)
+    fd = os.open(os.path.dirname(os.path.abspath(out_path)), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return 0
 
 

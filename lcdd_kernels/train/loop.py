@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,6 +93,20 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return max(cks, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):])) if cks else None
 
 
+def _read_log(path: Path) -> list[dict]:
+    """The rows of ``log.jsonl``. A last line cut short by a crash is dropped: rows are appended
+    before the checkpoint of their step is written, so a torn row is always past the checkpoint."""
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not JSON; the training log is damaged") from None
+    return rows
+
+
 def _prepare_out_dir(out_dir, resume: bool) -> tuple[Path | None, Path | None]:
     """(out_dir, checkpoint to resume from). Never reuses a directory with a log unless resuming."""
     if out_dir is None:
@@ -127,14 +140,14 @@ def _trainable_state(model) -> dict[str, torch.Tensor]:
 def _save_checkpoint(out: Path, step: int, model, optimizers, controller, position) -> None:
     from safetensors.torch import save_file
 
-    ck = out / f"{CHECKPOINT_PREFIX}{step}"
-    tmp = out / f".{ck.name}.tmp"
-    tmp.mkdir(parents=True, exist_ok=True)
-    save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
-    torch.save({"step": step, "position": list(position), "optimizers": [o.state_dict() for o in optimizers],
-                "controller": controller.state_dict() if controller else None,
-                "rng": torch.get_rng_state()}, tmp / "state.pt")
-    os.replace(tmp, ck)
+    from ..atomic import publish_dir
+
+    # published whole and durably: latest_checkpoint never sees half a checkpoint after a crash
+    with publish_dir(out / f"{CHECKPOINT_PREFIX}{step}") as tmp:
+        save_file(_trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save({"step": step, "position": list(position), "optimizers": [o.state_dict() for o in optimizers],
+                    "controller": controller.state_dict() if controller else None,
+                    "rng": torch.get_rng_state()}, tmp / "state.pt")
 
 
 def _load_checkpoint(ck: Path, model, optimizers, controller) -> tuple[int, tuple[int, int]]:
@@ -210,9 +223,11 @@ def _run(model, examples, cfg: TrainConfig, out: Path | None, ckpt: Path | None,
     log_path = out / "log.jsonl" if out is not None else None
     log: list[dict] = []
     if log_path is not None and log_path.exists():
-        log = [r for r in map(json.loads, log_path.read_text().splitlines()) if r["step"] <= step]
+        log = [r for r in _read_log(log_path) if r["step"] <= step]
         if rank == 0:
-            log_path.write_text("".join(json.dumps(r) + "\n" for r in log))
+            from ..atomic import write_file_atomic
+
+            write_file_atomic(log_path, "".join(json.dumps(r) + "\n" for r in log))
 
     batches = micro_batches(examples, cfg.batch_size, cfg.seed, cfg.shuffle, *position)
     bar = tqdm(total=total, initial=step, desc=desc, disable=not cfg.progress or rank != 0, dynamic_ncols=True)
@@ -304,9 +319,12 @@ def train_sft(model, data, tokenizer=None, out_dir=None, config: TrainConfig | N
             p.requires_grad_(name in proj)
     log = _run(model, examples, cfg, out, ckpt, pad_id=_pad_id(tokenizer, model), desc="sft")
     if out is not None and _rank_world() == (0, 1):
-        model.save_pretrained(out / "model")
-        if tokenizer is not None:
-            tokenizer.save_pretrained(out / "model")
+        from ..atomic import publish_dir
+
+        with publish_dir(out / "model") as tmp:
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
     return TrainResult(model, log, out)
 
 
