@@ -60,8 +60,8 @@ _EXPORTS: dict[str, str] = {
     "bank_linear": ".ops.carrier",
     "CarrierBank": ".carriers.bank",
     "apply_carrier_bank": ".carriers.bank",
-    "merge_carrier_": ".carriers.bank",
-    "unmerge_carrier_": ".carriers.bank",
+    "merge_carrier_": ".carriers.merge",
+    "unmerge_carrier_": ".carriers.merge",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
@@ -87,7 +87,8 @@ if TYPE_CHECKING:  # pragma: no cover - for static tools only
     from .eraser.capture import capture, carrier_channels  # noqa: F401
     from .carriers.apply import apply_carrier  # noqa: F401
     from .carriers.export import export_peft  # noqa: F401
-    from .carriers.bank import CarrierBank, apply_carrier_bank, merge_carrier_, unmerge_carrier_  # noqa: F401
+    from .carriers.bank import CarrierBank, apply_carrier_bank  # noqa: F401
+    from .carriers.merge import merge_carrier_, unmerge_carrier_  # noqa: F401
     from .carriers.format import (  # noqa: F401
         Carrier,
         CarrierModule,

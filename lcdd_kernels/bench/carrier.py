@@ -194,7 +194,8 @@ def setup_generate(case: dict, provider: str, device: str, dtype: str, backend: 
                    seed: int = 0) -> common.Prepared:
     from .. import _backend
     from ..carriers.apply import apply_carrier
-    from ..carriers.bank import apply_carrier_bank, merge_carrier_
+    from ..carriers.bank import apply_carrier_bank
+    from ..carriers.merge import merge_carrier_
 
     dt = common.DTYPES[dtype]
     carriers = _gen_world(case["model"], device, dt, case["s"])
