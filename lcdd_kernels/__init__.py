@@ -37,11 +37,11 @@ _EXPORTS: dict[str, str] = {
     "load_authors_masks": ".models.authors",
     "get_family": ".models.families",
     "decoder_layers": ".models.families",
-    "Carrier": ".carriers.format",
-    "CarrierModule": ".carriers.format",
-    "extract_carrier": ".carriers.format",
-    "load_carrier": ".carriers.loading",
-    "base_fingerprint": ".carriers.format",
+    "Carrier": ".carriers.carrier",
+    "CarrierModule": ".carriers.carrier",
+    "extract_carrier": ".carriers.extract",
+    "load_carrier": ".carriers.load",
+    "base_fingerprint": ".carriers.extract",
     "apply_carrier": ".carriers.apply",
     "export_peft": ".carriers.export",
     # signed carriers and atomic writes
@@ -89,13 +89,9 @@ if TYPE_CHECKING:  # pragma: no cover - for static tools only
     from .carriers.export import export_peft  # noqa: F401
     from .carriers.bank import CarrierBank, apply_carrier_bank  # noqa: F401
     from .carriers.merge import merge_carrier_, unmerge_carrier_  # noqa: F401
-    from .carriers.format import (  # noqa: F401
-        Carrier,
-        CarrierModule,
-        base_fingerprint,
-        extract_carrier,
-    )
-    from .carriers.loading import load_carrier  # noqa: F401
+    from .carriers.carrier import Carrier, CarrierModule  # noqa: F401
+    from .carriers.extract import base_fingerprint, extract_carrier  # noqa: F401
+    from .carriers.load import load_carrier  # noqa: F401
     from .carriers.signing import CarrierSignatureError, sign_carrier, verify_carrier  # noqa: F401
     from .atomic import publish_dir, write_file_atomic  # noqa: F401
     from .masks import HeavisideMask, heaviside_st  # noqa: F401

@@ -256,7 +256,7 @@ def _train(out, resume=False):
 
 
 def _run_state(out: Path) -> tuple[dict, list[dict]]:
-    from lcdd_kernels.carriers.format import CONFIG_NAME, THETA_NAME, WEIGHTS_NAME
+    from lcdd_kernels.carriers.layout import CONFIG_NAME, THETA_NAME, WEIGHTS_NAME
 
     files = {n: (out / "carrier" / n).read_bytes() for n in (WEIGHTS_NAME, THETA_NAME, CONFIG_NAME)}
     log = [{k: v for k, v in json.loads(line).items() if k != "time"}  # wall time differs, nothing else

@@ -16,7 +16,7 @@ import torch
 
 import lcdd_kernels as L
 from lcdd_kernels import atomic
-from lcdd_kernels.carriers.format import CONFIG_NAME, THETA_NAME, WEIGHTS_NAME
+from lcdd_kernels.carriers.layout import CONFIG_NAME, THETA_NAME, WEIGHTS_NAME
 
 from .fuzz_atomic import (
     _run_state,

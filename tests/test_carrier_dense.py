@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import lcdd_kernels as L
-from lcdd_kernels.carriers.format import CONFIG_NAME
+from lcdd_kernels.carriers.layout import CONFIG_NAME
 from lcdd_kernels.models.families import Dims
 from lcdd_kernels.models.tiny import TINY, tiny_model
 

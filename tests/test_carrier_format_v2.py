@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 import lcdd_kernels as L
-from lcdd_kernels.carriers.format import CONFIG_NAME, FORMAT_VERSION, THETA_NAME, WEIGHTS_NAME, tensor_sha256
-from lcdd_kernels.carriers.loading import read_header
+from lcdd_kernels.carriers.layout import CONFIG_NAME, FORMAT_VERSION, THETA_NAME, WEIGHTS_NAME, tensor_sha256
+from lcdd_kernels.carriers.files import read_header
 from lcdd_kernels.models.families import Dims
 from lcdd_kernels.models.tiny import TINY, tiny_model
 
@@ -133,7 +133,7 @@ def test_non_finite_dense_part_is_refused(saved, tmp_path):
 
 
 def test_header_is_read_without_the_data(saved, monkeypatch):
-    from lcdd_kernels.carriers import loading
+    from lcdd_kernels.carriers import files
 
     reads = []
 
@@ -152,7 +152,7 @@ def test_header_is_read_without_the_data(saved, monkeypatch):
             reads.append(len(out))
             return out
 
-    monkeypatch.setattr(loading, "open", lambda *a, **k: Counting(open(*a, **k)), raising=False)
+    monkeypatch.setattr(files, "open", lambda *a, **k: Counting(open(*a, **k)), raising=False)
     path = saved / WEIGHTS_NAME
     header = read_header(path)
     assert header["model.norm.weight.carrier_dense"] == (torch.float32, (48,))

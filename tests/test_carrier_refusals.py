@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import lcdd_kernels as L
 from lcdd_kernels import _checks
-from lcdd_kernels.carriers.format import CONFIG_NAME, THETA_NAME, WEIGHTS_NAME, tensor_sha256
+from lcdd_kernels.carriers.layout import CONFIG_NAME, THETA_NAME, WEIGHTS_NAME, tensor_sha256
 from lcdd_kernels.models.families import Dims
 from lcdd_kernels.models.tiny import tiny_model
 

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import lcdd_kernels as L
-from lcdd_kernels.carriers.format import CONFIG_NAME, THETA_NAME, WEIGHTS_NAME, fingerprint_tensors
+from lcdd_kernels.carriers.extract import fingerprint_tensors
+from lcdd_kernels.carriers.layout import CONFIG_NAME, THETA_NAME, WEIGHTS_NAME
 from lcdd_kernels.models.families import Dims
 from lcdd_kernels.models.tiny import TINY, tiny_model
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lcdd_kernels.carriers.apply import apply_carrier
-from lcdd_kernels.carriers.format import extract_carrier
+from lcdd_kernels.carriers.extract import extract_carrier
 from lcdd_kernels.eraser.capture import carrier_channels
 from lcdd_kernels.eraser.eraser import EraserOptions, EraserResult
 from lcdd_kernels.eraser.trigger_file import load_trigger, model_fingerprint, save_trigger, trigger_metadata

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import lcdd_kernels as L
 from lcdd_kernels.carriers.export import (CONFIG_NAME, PREFIX, REPORT_NAME, WEIGHTS_NAME, _as_carrier,
                                           export_peft, vllm_max_lora_rank)
-from lcdd_kernels.carriers.format import CarrierModule
+from lcdd_kernels.carriers.carrier import CarrierModule
 from lcdd_kernels.models.patch import apply_lcdd
 from lcdd_kernels.models.tiny import TINY, tiny_model
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import lcdd_kernels as L
-from lcdd_kernels.carriers.format import CONFIG_NAME, WEIGHTS_NAME, tensor_sha256
+from lcdd_kernels.carriers.layout import CONFIG_NAME, WEIGHTS_NAME, tensor_sha256
 from lcdd_kernels.carriers.signing import SIGNATURE_NAME, CarrierSignatureError
 from lcdd_kernels.cli import main
 from lcdd_kernels.models.families import Dims

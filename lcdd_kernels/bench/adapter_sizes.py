@@ -78,7 +78,7 @@ def synthetic(model: str, sparsity: float, seed: int = 0) -> dict:
 
 def real(directory: str) -> dict:
     from ..carriers.export import _module_shapes
-    from ..carriers.format import load_carrier
+    from ..carriers.load import load_carrier
 
     c = load_carrier(directory)
     shapes = _module_shapes(c)

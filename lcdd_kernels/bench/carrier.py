@@ -167,7 +167,7 @@ def _gen_world(model_name: str, device: str, dtype: torch.dtype, s: float):
     if key not in _GEN_CACHE:
         from statistics import NormalDist
 
-        from ..carriers.format import extract_carrier
+        from ..carriers.extract import extract_carrier
         from ..models.patch import apply_lcdd
 
         mean = NormalDist().inv_cdf(1 - s)  # P(θ > 0) = 1 − s for θ ~ N(mean, 1)

@@ -1,1 +1,3 @@
-"""Carriers (SPEC §4): the file format, validation, base fingerprint, and applying one to a base model."""
+"""Carriers (SPEC §4), one module per job: the object (carrier), its validation (validate), the file
+format (layout: names; files: reading; load: load_carrier; signing), extraction and fingerprints
+(extract), compatibility with a model (compat), and serving one: apply, bank, merge, export."""

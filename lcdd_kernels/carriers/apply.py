@@ -22,8 +22,8 @@ from ..models.families import plain_linear_paths
 from ..ops.carrier import CarrierTable, _select, carrier_linear, carrier_linear_ref, table_linear
 from ..ops.masked_delta import _autocast
 from ..models.swap import ModuleSwaps
-from .format import Carrier, CarrierModule
-from .loading import check_compatible, dense_targets
+from .carrier import Carrier, CarrierModule
+from .compat import check_compatible, dense_targets
 
 
 class CarrierLinear(nn.Module):

@@ -473,7 +473,7 @@ def _carrier_list(carriers, verify=None) -> list[tuple[str | None, object]]:
     public key ``verify`` when it is given (loaded Carrier objects cannot be, so they are refused)."""
     def one(c):
         if isinstance(c, (str, os.PathLike)):
-            from .loading import load_carrier
+            from .load import load_carrier
 
             return load_carrier(c, verify=verify)
         if verify is not None:
@@ -511,7 +511,8 @@ def apply_carrier_bank(model: nn.Module, carriers=None, allow_fingerprint_mismat
     """
     from ..models.families import plain_linear_paths
     from ..models.swap import ModuleSwaps
-    from .format import base_fingerprint, check_compatible
+    from .compat import check_compatible
+    from .extract import base_fingerprint
 
     listed = _carrier_list(carriers, verify)  # loaded and verified before the model is touched
     paths = plain_linear_paths(model, "apply_carrier_bank",

@@ -31,7 +31,8 @@ from pathlib import Path
 import torch
 
 from .export_dense import add_dense, dense_plan
-from .format import Carrier, CarrierModule, projection_paths
+from .carrier import Carrier, CarrierModule
+from .layout import projection_paths
 
 __all__ = ["export_peft", "ExportReport", "ModuleExport", "VLLM_LORA_RANKS", "vllm_max_lora_rank",
            "lora_nbytes", "carrier_nbytes"]

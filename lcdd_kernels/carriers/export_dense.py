@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .format import Carrier
+from .carrier import Carrier
 
 @dataclass
 class _DensePlan:
@@ -88,7 +88,7 @@ def add_dense(carrier: Carrier, plan: _DensePlan, config: dict, tensors: dict, d
     dense = carrier.dense
     params = {}
     if base_model is not None:
-        from .loading import check_compatible
+        from .compat import check_compatible
 
         check_compatible(base_model, carrier, allow_fingerprint_mismatch)
         params = dict(base_model.named_parameters())

@@ -60,7 +60,7 @@ def merge_carrier_(model: nn.Module, carrier, allow_fingerprint_mismatch: bool =
     them in reverse order. The first merge checks the carrier against the model (family,
     dimensions, base-weight fingerprint); later ones against that verified base.
     """
-    from .format import check_compatible
+    from .compat import check_compatible
 
     op = "merge_carrier_"
     stack = _MERGED.get(model, [])
@@ -75,7 +75,7 @@ def merge_carrier_(model: nn.Module, carrier, allow_fingerprint_mismatch: bool =
             if not allow_fingerprint_mismatch and base_fp is not None and carrier.base_fingerprint != base_fp:
                 raise ValueError(f"{op}: the carrier's base fingerprint {carrier.base_fingerprint} differs from "
                                  f"the base the merged carriers were checked against ({base_fp})")
-    from .loading import dense_targets
+    from .compat import dense_targets
 
     targets = _merge_targets(model, carrier, op)  # everything checked before anything changes
     dense = {name: (p, p.detach().clone()) for name, p in dense_targets(model, carrier, op).items()}

@@ -18,10 +18,9 @@ import os
 import re
 from pathlib import Path
 
-__all__ = ["SIGNATURE_NAME", "CarrierSignatureError", "sign_carrier", "verify_carrier"]
+from .layout import CONFIG_NAME, SIGNATURE_NAME
 
-#: The signature file inside a carrier directory (a Sigstore bundle, JSON).
-SIGNATURE_NAME = "carrier.sig"
+__all__ = ["SIGNATURE_NAME", "CarrierSignatureError", "sign_carrier", "verify_carrier"]
 
 _INSTALL = "pip install 'lcdd-kernels[sign]' (or: pip install model-signing pyopenssl)"
 
@@ -49,8 +48,6 @@ def _key_file(path, what: str) -> Path:
 
 
 def _carrier_dir(directory) -> Path:
-    from .format import CONFIG_NAME
-
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"carrier directory {d} does not exist")
@@ -85,12 +82,12 @@ def sign_carrier(directory: str | os.PathLike, key: str | os.PathLike, password:
     first (a damaged carrier is not signed). Writes ``directory/carrier.sig`` atomically (replacing
     an older signature) and returns its path. Offline: no certificate, no transparency log."""
     from ..atomic import STAGING_MARK, _fsync_path, _sibling
-    from .loading import load_carrier
+    from .files import read_carrier
 
     ms = _model_signing()
     d = _carrier_dir(directory)
     key = _key_file(key, "private key")
-    load_carrier(d)
+    read_carrier(d)
     # staged next to the directory, not in it: a leftover inside would count as an unsigned file
     tmp = _sibling(d.parent / f"{d.name}.sig", STAGING_MARK)
     try:

@@ -78,7 +78,7 @@ def _load_theta(handle, path: Path) -> None:
 def run_extract(args) -> int:
     import torch
 
-    from ..carriers.format import extract_carrier
+    from ..carriers.extract import extract_carrier
     from ..models.patch import apply_lcdd
 
     base, _ = io.load_base(args)
@@ -102,7 +102,7 @@ def _fmt(entry: dict) -> str:
 
 
 def run_inspect(args) -> int:
-    from ..carriers.format import load_carrier
+    from ..carriers.load import load_carrier
     from ..models.families import GROUPS
 
     c = load_carrier(args.dir, verify=args.verify)

@@ -44,7 +44,7 @@ def add_model_arguments(p, need_base: bool) -> None:
 def random_tiny_carrier(family: str):
     """The same carrier for a family every time: an "SFT" model with seed-1 weights over the tiny
     base (seed 0), LCDD masks θ ~ N(0.5, 1) with seed 0 (about 70% on)."""
-    from ..carriers.format import extract_carrier
+    from ..carriers.extract import extract_carrier
     from ..models.patch import apply_lcdd
     from ..models.tiny import tiny_model
 
@@ -62,7 +62,7 @@ def build_world(args, need_base: bool) -> World:
     """The models the command needs: ``--tiny`` or ``--base`` gives the base; ``--model`` the LCDD
     model, else the base with ``--carrier`` (with ``--tiny``: a random carrier) applied."""
     from ..carriers.apply import apply_carrier
-    from ..carriers.format import load_carrier
+    from ..carriers.load import load_carrier
 
     if args.tiny and args.base:
         raise ValueError("pass either --tiny FAMILY or --base DIR, not both")

@@ -41,7 +41,7 @@ def run(args) -> int:
     import torch
 
     from ..carriers.export import export_peft
-    from ..carriers.format import load_carrier
+    from ..carriers.load import load_carrier
 
     carrier = load_carrier(args.carrier, verify=args.verify)
     base = None

@@ -241,7 +241,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, progress: bool = True, log
     writes ``report.json``, ``report.md`` and the plots there."""
     from ..atomic import publish_dir
     from ..carriers.apply import apply_carrier
-    from ..carriers.format import load_carrier
+    from ..carriers.load import load_carrier
     from ..dual import DualController
     from ..eraser import carrier_channels, kl_benchmark, optimize_eraser, save_trigger
     from tqdm.auto import tqdm

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..carriers.format import fingerprint_tensors
+from ..carriers.extract import fingerprint_tensors
 from .eraser import EraserResult
 
 __all__ = ["save_trigger", "load_trigger", "trigger_metadata", "model_fingerprint"]

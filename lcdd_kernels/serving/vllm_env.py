@@ -86,7 +86,7 @@ def served_carrier(seed: int):
     ``served_model(0)`` (the base), masks initialised N(-0.85, 1) so that about 20% of their
     entries are on (ranks in the tens: max_lora_rank 64). Purely sparse (``non_projection="base"``):
     the seeds differ in the embeddings too, which vLLM could not load as dense parts."""
-    from ..carriers.format import extract_carrier
+    from ..carriers.extract import extract_carrier
     from ..models.patch import apply_lcdd
 
     sft, _ = served_model(seed)

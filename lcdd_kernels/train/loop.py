@@ -353,7 +353,7 @@ def train_lcdd(model, base, data, tokenizer=None, out_dir=None, config: TrainCon
                controller=controller, desc="lcdd")
     carrier = None
     if out is not None and save_carrier and _rank_world() == (0, 1):
-        from ..carriers.format import extract_carrier
+        from ..carriers.extract import extract_carrier
 
         carrier = extract_carrier(handle, metadata={
             "steps": log[-1]["step"] if log else 0, "lambda": controller.lam,

@@ -1,6 +1,7 @@
-"""Loading and validating carrier directories (the format is described in :mod:`.format`).
+"""Reading carrier directories (the format is described in :mod:`.layout`; :func:`read_carrier`
+is what :func:`~lcdd_kernels.carriers.load.load_carrier` runs, after a signature check when asked).
 
-A carrier directory is untrusted input. :func:`load_carrier` reads it in an order that keeps a
+A carrier directory is untrusted input. :func:`read_carrier` reads it in an order that keeps a
 damaged or hostile file from costing more than the file itself:
 
 1. ``carrier_config.json`` (at most :data:`CONFIG_LIMIT` bytes): every field's type and range;
@@ -19,20 +20,19 @@ tensor or field. Version-1 files (no dense parts, no hashes) load with one warni
 
 from __future__ import annotations
 
-import contextvars
 import json
 import logging
 import math
 import os
 import re
 from pathlib import Path
+from typing import Callable
 
 import torch
-from torch import nn
 
-from .. import _checks
-from ..models.families import FAMILIES, GROUP_SOURCE, GROUPS, Dims, family_of_model_type, get_family, sparsity_stats
-from .format import (
+from ..models.families import GROUP_SOURCE, GROUPS, Dims, family_of_model_type, sparsity_stats
+from .carrier import Carrier, CarrierModule
+from .layout import (
     CARRIER_TYPE,
     CONFIG_NAME,
     DENSE_SUFFIX,
@@ -42,14 +42,12 @@ from .format import (
     SUFFIXES,
     THETA_NAME,
     WEIGHTS_NAME,
-    Carrier,
-    CarrierModule,
-    base_fingerprint,
     projection_numel,
     projection_paths,
     summaries,
     tensor_sha256,
 )
+from .validate import _WHERE, _fail
 
 log = logging.getLogger("lcdd_kernels.carriers")
 
@@ -67,14 +65,6 @@ _HEX64 = re.compile(r"[0-9a-f]{64}")
 _VERSION = re.compile(r"[0-9A-Za-z.+!_-]{1,64}")
 
 
-#: What validate_carrier names in its errors: "carrier", or the file being loaded.
-_WHERE: contextvars.ContextVar[str] = contextvars.ContextVar("lcdd_carrier_where", default="carrier")
-
-
-def _fail(where, msg: str):
-    raise ValueError(f"{where}: {msg}")
-
-
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -83,138 +73,6 @@ def _is_num(v) -> bool:
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return False
     return abs(v) < 2**53 if isinstance(v, int) else math.isfinite(v)  # float(10**400) would raise
-
-
-# ---------------------------------------------------------------------------------------------
-# In-memory validation (also run by Carrier.__post_init__)
-# ---------------------------------------------------------------------------------------------
-
-
-def validate_carrier(c: Carrier, where: str | None = None) -> None:
-    """Every structural property a carrier must have; raises ValueError naming the first problem
-    (and the file, when loading)."""
-    where = where or _WHERE.get()
-    if c.family not in FAMILIES:
-        _fail(where, f"model_type {c.family!r} is not supported; supported: {', '.join(sorted(FAMILIES))}")
-    if c.dtype not in DTYPES.values():
-        _fail(where, f"dtype {c.dtype} is not one of {', '.join(DTYPES)}")
-    if not isinstance(c.base_fingerprint, str) or not c.base_fingerprint.startswith("sha256:"):
-        _fail(where, f"base fingerprint {c.base_fingerprint!r} is not of the form 'sha256:<hex>'")
-    if not isinstance(c.metadata, dict):
-        _fail(where, f"metadata must be a dict, got {type(c.metadata).__name__}")
-    fam = FAMILIES[c.family]
-    expected = projection_paths(fam, c.dims.num_layers)
-    names = {path for _, _, path in expected}
-    missing = [p for _, _, p in expected if p not in c.modules]
-    extra = [p for p in c.modules if p not in names]
-    if missing or extra:
-        _fail(where, f"modules do not match a {c.family} model of {c.dims.num_layers} layers: missing {missing[:3]}"
-                     f"{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]}{'...' if len(extra) > 3 else ''}")
-    for layer, proj, path in expected:
-        m = c.modules[path]
-        n, k = c.dims.shape(proj)
-        op = f"{where}: {path}"
-        _checks.index_vector(op, "carrier_rows", m.rows, n, m.rows.device)
-        _checks.index_vector(op, "carrier_cols", m.cols, k, m.cols.device)
-        if m.rows.dtype != torch.int32 or m.cols.dtype != torch.int32:
-            _fail(op, f"rows/cols must be int32, got {m.rows.dtype} / {m.cols.dtype}")
-        _checks.tensor(op, "carrier_delta", m.delta)
-        if m.delta.dtype != c.dtype:
-            _fail(op, f"carrier_delta has dtype {m.delta.dtype} but the carrier's dtype is {c.dtype}")
-        if tuple(m.delta.shape) != (m.rows.numel(), m.cols.numel()):
-            _fail(op, f"carrier_delta has shape {tuple(m.delta.shape)}, expected (|rows|, |cols|) = "
-                      f"({m.rows.numel()}, {m.cols.numel()})")
-        if not bool(torch.isfinite(m.delta).all()):
-            _fail(op, "carrier_delta holds NaN or inf")
-    _check_shared_masks(c, where)
-    _check_dense(c, where)
-    if c.theta is not None:
-        _checks.tensor(where, "theta", c.theta)
-        if not torch.is_floating_point(c.theta):
-            _fail(where, f"theta must hold floating-point mask logits, got {c.theta.dtype}")
-        if c.theta.dim() != 1 or c.theta.numel() != c.dims.num_masks:
-            _fail(where, f"theta has shape {tuple(c.theta.shape)}, expected ({c.dims.num_masks},)")
-        if not bool(torch.isfinite(c.theta).all()):
-            _fail(where, "theta holds NaN or inf")
-        sizes = c.dims.group_sizes()
-        binary = torch.cat([_onehot(layer[g], sizes[g]) for layer in c.active_channels() for g in GROUPS])
-        if not torch.equal(binary, c.theta.detach().cpu() > 0):
-            _fail(where, "theta's active entries (θ > 0) differ from the carrier's rows and columns; "
-                         "theta belongs to another carrier")
-
-
-def _onehot(ix: torch.Tensor, n: int) -> torch.Tensor:
-    out = torch.zeros(n, dtype=torch.bool)
-    out[ix.long().cpu()] = True
-    return out
-
-
-def expand_gqa_indices(v: torch.Tensor, dims: Dims) -> torch.Tensor:
-    """The o_proj column indices from the active v indices (SPEC §2), without building a mask:
-    kv head ``h``'s entry ``o`` becomes entry ``o`` of query heads ``h·G … h·G + G − 1``."""
-    v = v.long().cpu()
-    g = dims.gqa_groups
-    heads = (v // dims.head_dim)[:, None] * g + torch.arange(g)[None, :]
-    return torch.sort((heads * dims.head_dim + (v % dims.head_dim)[:, None]).reshape(-1)).values
-
-
-def _check_shared_masks(c: Carrier, where: str) -> None:
-    """Projections that share a mask group (SPEC §2) must agree on its indices."""
-    for layer in range(c.dims.num_layers):
-        mods = c.layer_modules(layer)
-        for proj in c.family_spec.projections:
-            for side, group in (("rows", proj.rows), ("cols", proj.cols)):
-                path, src_side = GROUP_SOURCE[group]
-                want = getattr(mods[path], src_side)
-                got = getattr(mods[proj.path], side)
-                if side == "cols" and proj.gqa_cols:
-                    want = expand_gqa_indices(want, c.dims) if got.numel() == want.numel() * c.dims.gqa_groups else None
-                if want is None or not torch.equal(got.cpu().long(), want.cpu().long()):
-                    _fail(f"{where}: {c.family_spec.layers}.{layer}.{proj.path}",
-                          f"its {side} disagree with the {group!r} mask used by {path}; "
-                          "the carrier is inconsistent (edited or assembled from different carriers)")
-
-
-def dense_shape_rule(c_family: str, dims: Dims, name: str) -> tuple[int, ...] | None:
-    """The shape a dense part of this name must have, when the carrier alone fixes it (projection
-    biases, norm weights); None for embeddings / lm_head (the vocabulary size is the model's)."""
-    fam = FAMILIES[c_family]
-    prefix = fam.layers + "."
-    if name.startswith(prefix):
-        rest = name[len(prefix):].split(".", 1)
-        if len(rest) == 2:
-            for proj in fam.projections:
-                if rest[1] == f"{proj.path}.bias":
-                    return (dims.shape(proj)[0],)
-    return None
-
-
-def _check_dense(c: Carrier, where: str) -> None:
-    if not isinstance(c.dense, dict):
-        _fail(where, f"dense must be a dict of parameter path -> tensor, got {type(c.dense).__name__}")
-    proj_weights = {f"{p}.weight" for p in c.modules}
-    for name, t in c.dense.items():
-        op = f"{where}: dense part {name!r}"
-        if not isinstance(name, str) or not name or len(name) > 512:
-            _fail(where, f"dense part names must be parameter paths (strings), got {name!r}")
-        if name in proj_weights:
-            _fail(op, "is a projection weight; those are stored sparsely (rows, cols, Δ), not as dense parts")
-        _checks.tensor(op, "value", t)
-        if t.dtype != c.dtype:
-            _fail(op, f"has dtype {t.dtype} but the carrier's dtype is {c.dtype}")
-        if t.dim() not in (1, 2) or t.numel() == 0:
-            _fail(op, f"has shape {tuple(t.shape)}; dense parts are 1-D (norms, biases) or 2-D (embeddings, lm_head)")
-        want = dense_shape_rule(c.family, c.dims, name)
-        if want is not None and tuple(t.shape) != want:
-            _fail(op, f"has shape {tuple(t.shape)}, expected {want} (the projection's out_features)")
-        if t.dim() == 1 and name.endswith("norm.weight") and t.shape[0] not in (c.dims.hidden_size, c.dims.head_dim):
-            _fail(op, f"has shape {tuple(t.shape)}; a norm weight has hidden_size {c.dims.hidden_size} "
-                      f"or head_dim {c.dims.head_dim} entries")
-        if t.dim() == 2 and t.shape[1] != c.dims.hidden_size:
-            _fail(op, f"has shape {tuple(t.shape)}; a 2-D dense part (embeddings, lm_head) has hidden_size "
-                      f"{c.dims.hidden_size} columns")
-        if not bool(torch.isfinite(t).all()):
-            _fail(op, "holds NaN or inf")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,18 +351,13 @@ def _check_header(cfg: dict, header: dict, d: Path) -> list[tuple[int, object, s
     return paths
 
 
-def load_carrier(directory: str | os.PathLike, device: torch.device | str = "cpu",
-                 verify: str | os.PathLike | None = None) -> Carrier:
-    """Read and validate a carrier directory written by :meth:`Carrier.save` (format 1 or 2).
+def read_carrier(directory: str | os.PathLike, device: torch.device | str = "cpu",
+                 check: Callable[[Path], None] | None = None) -> Carrier:
+    """Read and validate a carrier directory written by :meth:`Carrier.save` (format 1 or 2):
+    :func:`~lcdd_kernels.carriers.load.load_carrier` without the signature.
 
-    Every config field, tensor key, dtype, shape, index and (format 2) content hash is checked,
-    cheap consistency checks first; the config's counts must agree with the tensors. A damaged or
-    mismatched file raises a ValueError naming the file and the tensor or field.
-
-    ``verify``: a PEM public key; the carrier must then carry a signature by its private key over
-    exactly these files (:func:`~lcdd_kernels.carriers.signing.verify_carrier`), or a
-    :class:`~lcdd_kernels.carriers.signing.CarrierSignatureError` says why not (unsigned, another
-    key, changed content). Without it, signatures are not looked at.
+    ``check``: run on the directory before each read (load_carrier's signature check); a read is
+    then kept only if the directory was not replaced meanwhile.
     """
     d = Path(directory)
     if not d.is_dir():
@@ -515,12 +368,12 @@ def load_carrier(directory: str | os.PathLike, device: torch.device | str = "cpu
     for attempt in range(_READ_TRIES):
         before = _dir_id(d)
         try:
-            carrier = _load_once(d, device, verify)
+            carrier = _load_once(d, device, check)
         except (ValueError, OSError):
             if attempt + 1 < _READ_TRIES and _dir_id(d) != before:
                 continue
             raise
-        if verify is None or _dir_id(d) == before:
+        if check is None or _dir_id(d) == before:
             return carrier
     raise RuntimeError(f"{d} was replaced {_READ_TRIES} times while it was being verified and read; "
                        "load it when its writer is done")
@@ -537,11 +390,9 @@ def _dir_id(d: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _load_once(d: Path, device, verify) -> Carrier:
-    if verify is not None:
-        from .signing import verify_carrier
-
-        verify_carrier(d, verify)
+def _load_once(d: Path, device, check) -> Carrier:
+    if check is not None:
+        check(d)
     cfg = read_config(d)
     fam, dims = cfg["_family"], cfg["_dims"]
     header = read_header(d / WEIGHTS_NAME)
@@ -575,49 +426,3 @@ def _load_once(d: Path, device, verify) -> Carrier:
                            for p, m in carrier.modules.items()}
         carrier.dense = {p: t.to(device) for p, t in carrier.dense.items()}
     return carrier
-
-
-def check_compatible(model: nn.Module, carrier: Carrier, allow_fingerprint_mismatch: bool = False,
-                     fingerprint: str | None = None) -> None:
-    """Raise unless ``carrier`` was made for ``model``'s family, dimensions and base weights, and
-    every dense part names a parameter of the model with the same shape.
-
-    The base fingerprint must match too, unless ``allow_fingerprint_mismatch=True`` (e.g. a
-    re-quantised copy of the same base). ``fingerprint``: the model's ``base_fingerprint``, when
-    the caller already has it (it hashes every projection weight)."""
-    fam = get_family(model)
-    if fam.name != carrier.family:
-        raise ValueError(f"the carrier is for a {carrier.family} model but this is a {fam.name} model")
-    dims = Dims.from_config(model)
-    if dims != carrier.dims:
-        raise ValueError(f"the carrier is for dims {carrier.dims.to_dict()} but the model has {dims.to_dict()}")
-    dense_targets(model, carrier, "the carrier")
-    if allow_fingerprint_mismatch:
-        return
-    fp = fingerprint or base_fingerprint(model)
-    if fp != carrier.base_fingerprint:
-        raise ValueError(
-            f"base model mismatch: the carrier was trained against base weights with fingerprint "
-            f"{carrier.base_fingerprint} (name: {getattr(carrier, 'base_name', None)}) but this model's "
-            f"projection weights have fingerprint {fp}; load the right base model, or pass "
-            "allow_fingerprint_mismatch=True (CLI: --allow-fingerprint-mismatch) to apply it anyway")
-
-
-def dense_targets(model: nn.Module, carrier, op: str) -> dict[str, nn.Parameter]:
-    """The model's parameter for each of the carrier's dense parts (same shape), or a ValueError."""
-    dense = getattr(carrier, "dense", None) or {}
-    if not dense:
-        return {}
-    params = dict(model.named_parameters(remove_duplicate=False))
-    out = {}
-    for name, t in dense.items():
-        p = params.get(name)
-        if p is None:
-            # a patched model (bank / carrier modules) names its projections' parameters the same way
-            raise ValueError(f"{op}: its dense part {name!r} names a parameter this model does not have "
-                             f"(e.g. it has {next(iter(params), None)!r}); is the carrier for another model?")
-        if tuple(p.shape) != tuple(t.shape):
-            raise ValueError(f"{op}: its dense part {name!r} has shape {tuple(t.shape)} but the model's parameter "
-                             f"has {tuple(p.shape)}")
-        out[name] = p
-    return out
