@@ -67,14 +67,14 @@ docs: install
 
 # A long differential fuzz run: hypothesis profile "fuzz" (tests/conftest.py; `make test` runs the
 # same suites with the small, derandomized "ci" profile). Prints the cases checked per op/backend.
-# Then the carrier-file corruption fuzzer (tests/fuzz_carrier_files.py; 60 cases run in `make test`),
-# then writers killed at every step of a save and training killed and resumed (tests/fuzz_atomic.py).
+# Then the carrier-file corruption fuzzer (tests/helpers/fuzz_carrier_files.py; 60 cases run in `make test`),
+# then writers killed at every step of a save and training killed and resumed (tests/helpers/fuzz_atomic.py).
 FUZZ_CARRIER_CASES ?= 2000
 FUZZ_ATOMIC_ROUNDS ?= 20
 fuzz: native
-	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/test_fuzz_ops.py
-	$(PY) -m tests.fuzz_carrier_files --cases $(FUZZ_CARRIER_CASES)
-	$(PY) -m tests.fuzz_atomic --rounds $(FUZZ_ATOMIC_ROUNDS)
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest -q tests/ops/test_fuzz_ops.py
+	$(PY) -m tests.helpers.fuzz_carrier_files --cases $(FUZZ_CARRIER_CASES)
+	$(PY) -m tests.helpers.fuzz_atomic --rounds $(FUZZ_ATOMIC_ROUNDS)
 
 # The vLLM check (CI runs it after `make test`): carriers exported with export_peft, served by vLLM
 # offline and through its OpenAI-compatible server, against the package's own CarrierBank. vLLM
@@ -93,7 +93,7 @@ $(VLLM_STAMP): benchmarks/build_vllm_venv.sh
 test-vllm: install
 	@$(MAKE) --no-print-directory $(VLLM_STAMP) || true
 	LCDD_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python LCDD_VLLM_STAMP=$(CURDIR)/$(VLLM_STAMP) \
-	LCDD_VLLM_LOG=$(CURDIR)/$(VLLM_LOG) $(PY) -m pytest -q -rs tests/test_vllm_serving.py
+	LCDD_VLLM_LOG=$(CURDIR)/$(VLLM_LOG) $(PY) -m pytest -q -rs tests/serving/test_vllm_serving.py
 
 # Benchmarks on the local CPU (or the GPU when there is one) into $(BENCH_OUT) (not committed;
 # the committed results in benchmarks/results/ come from the commands in docs/benchmarks/index.md), then the

@@ -92,11 +92,11 @@ setup(
     extras_require={
         "test": ["pytest>=7", "pytest-benchmark>=4", "hypothesis>=6", "psutil>=5",
                  "accelerate>=1.1",  # transformers.Trainer needs it: the LCDDCallback test runs a Trainer
-                 # tests/test_export_peft.py loads exported carriers with the real PEFT. >=0.17: the
+                 # tests/carriers/test_export_peft.py loads exported carriers with the real PEFT. >=0.17: the
                  # first with SHiRA; <0.22: the newest release tested with the transformers this
                  # package installs (5.x; PEFT follows transformers closely, so a new minor is tried first)
                  "peft>=0.17,<0.22",
-                 # tests/test_signing.py signs and verifies carriers (the `sign` extra)
+                 # tests/carriers/test_signing.py signs and verifies carriers (the `sign` extra)
                  "model-signing>=1.1,<2", "pyopenssl>=24"],
         # signed carriers (lcdd sign, load_carrier(verify=...)): OpenSSF model-signing, key based and
         # offline; its 1.1 release imports pyOpenSSL without declaring it

@@ -83,8 +83,8 @@ stage build 150 "$PY" setup.py build_ext --inplace
 #    after 25 failures rather than at the first, since one GPU run has to show them all.
 PYTEST_OPTS=(-q -p no:cacheprovider --maxfail=25 --durations=10)
 "$PY" -c "import pytest_benchmark" 2>/dev/null || PYTEST_OPTS+=(-o "addopts=-ra")
-KERNEL_TESTS=(tests/test_masked_delta.py tests/test_masked_delta_triton.py tests/test_masked_delta_memory_and_errors.py
-              tests/test_carrier.py tests/test_carrier_bank.py tests/test_gather.py tests/test_eraser.py)
+KERNEL_TESTS=(tests/ops/test_masked_delta.py tests/ops/test_masked_delta_triton.py tests/ops/test_masked_delta_memory_and_errors.py
+              tests/ops/test_carrier.py tests/carriers/test_bank.py tests/ops/test_gather.py tests/eraser/test_eraser.py)
 stage tests-kernels 150 env LCDD_TRITON_AUTOTUNE=0 "$PY" -m pytest "${KERNEL_TESTS[@]}" "${PYTEST_OPTS[@]}"
 # 3a. The kernel check's prediction against the driver, early because it is short: the
 #     check here (bf16, sm_90, the fixed configs the tests use), then the same scenarios launched for
@@ -97,7 +97,7 @@ stage kernels-vs-driver 60 env LCDD_TRITON_AUTOTUNE=0 "$PY" -m lcdd_kernels.kern
 rm -rf "$KC_TMP"
 
 # The compile stage's tests run there (test_library_ops on CUDA); test_compile.py is CPU-only.
-COMPILE_TESTS=(tests/test_library_ops.py tests/test_compile.py)
+COMPILE_TESTS=(tests/ops/test_library_ops.py tests/ops/test_compile.py)
 stage tests-rest 60 env LCDD_TRITON_AUTOTUNE=0 "$PY" -m pytest tests "${KERNEL_TESTS[@]/#/--deselect=}" \
     "${COMPILE_TESTS[@]/#/--deselect=}" "${PYTEST_OPTS[@]}"
 
@@ -105,7 +105,7 @@ stage tests-rest 60 env LCDD_TRITON_AUTOTUNE=0 "$PY" -m pytest tests "${KERNEL_T
 #     backends), then a bank-served model compiled with mode="reduce-overhead": decode steps
 #     replayed from a CUDA graph with mixed carrier ids, sync debug mode "error" around each
 #     replay, tokens compared with eager (exit 1 on a mismatch or a recompilation).
-stage compile-opcheck 60 env LCDD_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/test_library_ops.py -k cuda \
+stage compile-opcheck 60 env LCDD_TRITON_AUTOTUNE=0 "$PY" -m pytest tests/ops/test_library_ops.py -k cuda \
     "${PYTEST_OPTS[@]}"
 stage compile-cudagraph 60 "$PY" benchmarks/compile_decode.py --device cuda --dtype bfloat16  # JSON in log.txt
 

@@ -10,9 +10,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICES = ["cpu"] + (["cuda"] if HAS_CUDA else [])
-
 
 @pytest.fixture(autouse=True)
 def _seed_and_one_thread():
@@ -40,8 +37,8 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The fuzz suites' case counts (tests/fuzz_report.py), when any ran."""
-    from .fuzz_report import summary
+    """The fuzz suites' case counts (tests/helpers/fuzz_report.py), when any ran."""
+    from tests.helpers.fuzz_report import summary
 
     lines = summary()
     if lines:

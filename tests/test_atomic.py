@@ -1,6 +1,6 @@
 """Nothing lost on a crash: every write of the package killed (SIGKILL) at every step leaves the
 whole old or the whole new version; concurrent writers and readers; training killed at random
-points and resumed ends bit-identical to an uninterrupted run. The harness is tests/fuzz_atomic.py
+points and resumed ends bit-identical to an uninterrupted run. The harness is tests/helpers/fuzz_atomic.py
 (``make fuzz`` runs it longer)."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import lcdd_kernels as L
 from lcdd_kernels import atomic
 from lcdd_kernels.carriers.layout import CONFIG_NAME, THETA_NAME, WEIGHTS_NAME
 
-from .fuzz_atomic import (
+from tests.helpers.fuzz_atomic import (
     _run_state,
     _train,
     carrier_replace_case,

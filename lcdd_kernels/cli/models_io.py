@@ -7,7 +7,7 @@ from pathlib import Path
 
 DTYPES = ("float32", "bfloat16", "float16")
 #: models.tiny.TINY's keys, spelled out so that parsing the command line does not import torch
-#: (tests/test_cli_train.py checks they agree).
+#: (tests/train/test_cli.py checks they agree).
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 #: The built-in data for ``--tiny`` runs: a fixed response to varied questions (SPEC §6's behaviour).

@@ -9,7 +9,7 @@ Per step, for a batch of B prompts x_b and the trigger T (L × D):
 
 where a_ℓ is decoder layer ℓ's output at the prompt's last token on the channels S_ℓ, and μ_ℓ the
 mean of a_ℓ(base, x) over all eraser prompts. What makes it fast, with the same numbers as one
-prompt at a time (tests/test_eraser.py checks loss and gradient):
+prompt at a time (tests/eraser/test_eraser.py checks loss and gradient):
 
 * one forward per step over the whole batch (left padding, then the trigger, then the prompt, with
   position ids starting at the trigger), channels captured by one gather per layer;

@@ -5,7 +5,7 @@ Their parametrisation (yuplin2333/sft-reverse, ``training/gated_model_simple.py`
 projection weights, ``W_final = (w_base + (row ⊗ col)·(w − w_base)).to(w.dtype)`` with a flat
 Heaviside straight-through θ; norms and biases train, embed_tokens and lm_head are frozen. Patch with
 ``apply_lcdd(sft, base, non_projection="sft")`` (the default) to reproduce their LCDD model;
-tests/lcdd_reference.py ``AuthorsLCDD`` re-states their code for the equality tests."""
+tests/helpers/lcdd_reference.py ``AuthorsLCDD`` re-states their code for the equality tests."""
 
 from __future__ import annotations
 

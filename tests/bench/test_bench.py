@@ -21,7 +21,7 @@ from lcdd_kernels.bench.plot import plot_rows
 from lcdd_kernels.cli import main as lcdd_main
 from lcdd_kernels.ops.masked_delta import masked_delta_linear_ref, masked_delta_swiglu_ref
 
-from .helpers import assert_close
+from tests.helpers.compare import assert_close
 
 TINY_LINEAR = {"group": "tiny 24x16 T=8", "op": "linear", "model": "tiny", "proj": "x", "T": 8, "N": 24, "K": 16}
 TINY_SWIGLU = {"group": "tiny swiglu T=8", "op": "swiglu", "model": "tiny", "proj": "gate+up", "T": 8, "N": 24, "K": 16}

@@ -12,7 +12,7 @@ from lcdd_kernels.bench.lcdd_step import _base_state, _parametrize, build_model,
 from lcdd_kernels.models.families import GROUPS
 from lcdd_kernels.models.tiny import tiny_model
 
-from .helpers import assert_close
+from tests.helpers.compare import assert_close
 
 
 def test_parametrize_provider_equals_lcdd():

@@ -10,7 +10,7 @@ import pytest
 
 from lcdd_kernels.bench import carrier, masked_delta, roofline
 
-RESULTS = pathlib.Path(__file__).resolve().parents[1] / roofline.DEFAULT_FILE
+RESULTS = pathlib.Path(__file__).resolve().parents[2] / roofline.DEFAULT_FILE
 LLAMA_GATE = "llama-3-8b gate_proj/up_proj T=8192"  # T 8192, N 14336, K 4096
 QWEN_O_DECODE = "qwen3-0.6b o_proj T=1 s=0.8 mix=0"  # T 1, N 1024, K 2048, no carrier in the batch
 

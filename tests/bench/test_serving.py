@@ -1,5 +1,5 @@
 """`lcdd bench serving` without vLLM: the bank's half is measured and the vLLM row says why it is
-missing (the run with vLLM is `make test-vllm`'s territory: tests/test_vllm_serving.py)."""
+missing (the run with vLLM is `make test-vllm`'s territory: tests/serving/test_vllm_serving.py)."""
 
 from __future__ import annotations
 

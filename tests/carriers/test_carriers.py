@@ -15,7 +15,7 @@ from lcdd_kernels.carriers.layout import CONFIG_NAME, THETA_NAME, WEIGHTS_NAME
 from lcdd_kernels.models.families import Dims
 from lcdd_kernels.models.tiny import TINY, tiny_model
 
-from .helpers import assert_close
+from tests.helpers.compare import assert_close
 
 
 def _lcdd(family="llama", dtype=torch.float64, seed=0, non_projection="base"):

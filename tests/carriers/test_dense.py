@@ -16,7 +16,7 @@ from lcdd_kernels.carriers.layout import CONFIG_NAME
 from lcdd_kernels.models.families import Dims
 from lcdd_kernels.models.tiny import TINY, tiny_model
 
-from .sft_pairs import sft_pair
+from tests.helpers.sft_pairs import sft_pair
 
 FAMILIES = list(TINY)
 

@@ -19,8 +19,8 @@ from lcdd_kernels.carriers.carrier import CarrierModule
 from lcdd_kernels.models.patch import apply_lcdd
 from lcdd_kernels.models.tiny import TINY, tiny_model
 
-from .helpers import assert_close
-from .sft_pairs import sft_pair
+from tests.helpers.compare import assert_close
+from tests.helpers.sft_pairs import sft_pair
 
 peft = pytest.importorskip("peft", reason="PEFT is in the test extras: pip install -e '.[test]'")
 from peft import PeftModel  # noqa: E402

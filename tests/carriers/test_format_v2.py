@@ -18,7 +18,7 @@ from lcdd_kernels.carriers.files import read_header
 from lcdd_kernels.models.families import Dims
 from lcdd_kernels.models.tiny import TINY, tiny_model
 
-from .sft_pairs import sft_pair
+from tests.helpers.sft_pairs import sft_pair
 
 V1 = Path(__file__).parent / "data" / "carrier_v1"
 
@@ -56,7 +56,7 @@ def test_dense_parts_round_trip(family, tmp_path):
 
 
 def test_v1_file_still_loads_and_says_so(caplog):
-    """tests/data/carrier_v1 was written by the format-1 code (llama, float16, θ)."""
+    """tests/carriers/data/carrier_v1 was written by the format-1 code (llama, float16, θ)."""
     with caplog.at_level(logging.WARNING, logger="lcdd_kernels.carriers"):
         c = L.load_carrier(V1)
     assert json.loads((V1 / CONFIG_NAME).read_text())["format_version"] == 1

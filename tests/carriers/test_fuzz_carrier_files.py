@@ -1,4 +1,4 @@
-"""A bounded run of the carrier-directory corruption fuzzer (tests/fuzz_carrier_files.py; the long
+"""A bounded run of the carrier-directory corruption fuzzer (tests/helpers/fuzz_carrier_files.py; the long
 run is ``make fuzz``): every damaged directory loads correctly or is refused naming the file,
 under a 2 GiB address-space limit and 30 s per case."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 
-from .fuzz_carrier_files import FAILURES, MUTATIONS, fuzz
+from tests.helpers.fuzz_carrier_files import FAILURES, MUTATIONS, fuzz
 
 
 def test_corrupted_carriers_load_correctly_or_are_refused_by_name():
@@ -22,7 +22,7 @@ def test_the_address_space_limit_is_real(tmp_path):
     """A worker limited to 200 MiB cannot even import torch: the limit applies to the loading process."""
     import pytest
 
-    from .fuzz_carrier_files import make_cases, make_originals, run
+    from tests.helpers.fuzz_carrier_files import make_cases, make_originals, run
 
     cases = make_cases(tmp_path, make_originals(tmp_path / "o")[:1], 1, seed=0)
     with pytest.raises(RuntimeError, match="failed before its first case"):

@@ -18,7 +18,7 @@ from lcdd_kernels.carriers.signing import SIGNATURE_NAME, CarrierSignatureError
 from lcdd_kernels.cli import main
 from lcdd_kernels.models.families import Dims
 
-from .sft_pairs import sft_pair
+from tests.helpers.sft_pairs import sft_pair
 
 pytest.importorskip("model_signing", reason="signing needs the `sign` extra (model-signing)")
 

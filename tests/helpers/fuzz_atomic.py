@@ -1,5 +1,5 @@
-"""Kill a writer at every step of a save and check what is left (used by tests/test_atomic_writes.py;
-``python -m tests.fuzz_atomic`` is the longer run of ``make fuzz``).
+"""Kill a writer at every step of a save and check what is left (used by tests/test_atomic.py;
+``python -m tests.helpers.fuzz_atomic`` is the longer run of ``make fuzz``).
 
 A save runs in a forked child whose file-system calls are intercepted: every file write
 (safetensors ``save_file``, ``Path.write_text``, ``torch.save``), ``fsync``, rename (``renameat2``,
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def two_carriers(family: str = "qwen2", seed: int = 0):
     from lcdd_kernels.models.families import Dims
 
     sys.path.insert(0, str(ROOT))
-    from tests.sft_pairs import sft_pair
+    from tests.helpers.sft_pairs import sft_pair
 
     out = []
     for i, include_theta in ((0, True), (1, False)):
@@ -247,10 +247,10 @@ def _train(out, resume=False):
     from lcdd_kernels.models.tiny import tiny_model
     from lcdd_kernels.train import train_lcdd
 
-    from tests.test_train import _examples
+    from tests.helpers.train_examples import random_examples
 
     sft, base = tiny_model("qwen3", seed=1), tiny_model("qwen3", seed=0)
-    return train_lcdd(sft, base, _examples(n=8, seed=3), out_dir=out, controller=DualController(**CTL),
+    return train_lcdd(sft, base, random_examples(n=8, seed=3), out_dir=out, controller=DualController(**CTL),
                       max_steps=6, save_every=2, lr=5e-3, batch_size=2, grad_accum=1, progress=False, plot=False,
                       seed=4, resume=resume)
 

@@ -21,7 +21,7 @@ restarted for the rest. Outcomes:
 - failures: ``loaded-different`` (a silent wrong answer), ``unnamed-error`` (another exception, or
   one that does not name the file), ``crash`` (signal, MemoryError, time limit), ``pickle-executed``.
 
-Run: ``python -m tests.fuzz_carrier_files --cases 2000`` (``make fuzz``); tests/test_fuzz_carrier_files.py
+Run: ``python -m tests.helpers.fuzz_carrier_files --cases 2000`` (``make fuzz``); tests/carriers/test_fuzz_carrier_files.py
 runs a bounded number in ``make test``.
 """
 
@@ -42,7 +42,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FAILURES = ("loaded-different", "unnamed-error", "crash", "pickle-executed")
 FILES = ("carrier_config.json", "carrier.safetensors", "theta.safetensors")
 
@@ -59,7 +59,7 @@ def make_originals(root: Path) -> list[Path]:
     from lcdd_kernels.models.families import Dims
 
     sys.path.insert(0, str(ROOT))
-    from tests.sft_pairs import sft_pair
+    from tests.helpers.sft_pairs import sft_pair
 
     out = []
     for name, family, dtype, mode in (("qwen2-dense", "qwen2", torch.float32, "sft"),
@@ -68,7 +68,7 @@ def make_originals(root: Path) -> list[Path]:
         theta = torch.randn(Dims.from_config(sft).num_masks, generator=torch.Generator().manual_seed(1))
         L.extract_carrier(L.apply_lcdd(sft, base, theta=theta, non_projection=mode)).save(root / name)
         out.append(root / name)
-    shutil.copytree(ROOT / "tests" / "data" / "carrier_v1", root / "v1")
+    shutil.copytree(ROOT / "tests" / "carriers" / "data" / "carrier_v1", root / "v1")
     out.append(root / "v1")
     return out
 
@@ -335,7 +335,7 @@ def run(cases: list[dict], limit_gib: float = 2.0, timeout_s: float = 30.0) -> l
     while pending:
         cases_file.write_text(json.dumps(pending))  # a file, not a pipe: both pipes full would deadlock
         env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.Popen([sys.executable, "-m", "tests.fuzz_carrier_files", "--worker",
+        proc = subprocess.Popen([sys.executable, "-m", "tests.helpers.fuzz_carrier_files", "--worker",
                                  "--limit-gib", str(limit_gib), "--cases-file", str(cases_file)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                 text=True, cwd=str(ROOT), env=env)
@@ -359,7 +359,7 @@ def run(cases: list[dict], limit_gib: float = 2.0, timeout_s: float = 30.0) -> l
             results[current] = {"outcome": "crash", "error": f"worker exit {proc.returncode} (signal, out of "
                                                               f"memory or over {timeout_s:.0f} s)"}
         elif len(results) < len(cases) and not any(c["dir"] in results for c in pending):
-            raise RuntimeError("the fuzz worker failed before its first case (see python -m tests.fuzz_carrier_files)")
+            raise RuntimeError("the fuzz worker failed before its first case (see python -m tests.helpers.fuzz_carrier_files)")
         pending = [c for c in pending if c["dir"] not in results]
     return [{**c, **results[c["dir"]]} for c in cases]
 

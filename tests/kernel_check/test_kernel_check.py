@@ -1,4 +1,4 @@
-"""lcdd check-kernels can fail: test-only kernels (tests/kernel_check_fixtures) that spill, do not
+"""lcdd check-kernels can fail: test-only kernels (tests/kernel_check/fixtures) that spill, do not
 compile or are never launched are reported as such, a clean one passes. Compiles for real
 (Triton for sm_90/sm_80 and ptxas from the triton wheel; no GPU needed)."""
 
@@ -9,7 +9,7 @@ import pytest
 
 from lcdd_kernels.kernel_check import discovery, occupancy, sass
 
-FIXTURES = pathlib.Path(__file__).parent / "kernel_check_fixtures"
+FIXTURES = pathlib.Path(__file__).parent / "fixtures"
 
 
 @pytest.fixture(scope="module")
@@ -18,8 +18,8 @@ def report(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("kc")
     return check_kernels(dtypes=("float32",), archs=(90, 80), jobs=2, cache_dir=str(out / "cache"),
-                         out_json=str(out / "table.json"), sources=((str(FIXTURES), "tests.kernel_check_fixtures"),),
-                         scenario_modules=("tests.kernel_check_fixtures.kernels",), autotune_modes=("1",),
+                         out_json=str(out / "table.json"), sources=((str(FIXTURES), "tests.kernel_check.fixtures"),),
+                         scenario_modules=("tests.kernel_check.fixtures.kernels",), autotune_modes=("1",),
                          cuda=False, echo=lambda *a: None)
 
 
@@ -51,7 +51,7 @@ def test_clean_kernel_passes_with_its_specialisation(report):
 
 
 def test_uncovered_kernel_and_overall_failure(report):
-    assert report["uncovered"] == ["tests.kernel_check_fixtures.kernels._never_launched_kernel"]
+    assert report["uncovered"] == ["tests.kernel_check.fixtures.kernels._never_launched_kernel"]
     assert report["ok"] is False
     assert report["counts"] == {"spill": 2, "error": 2, "ok": 2}
 
@@ -62,8 +62,8 @@ def test_cache_returns_the_same_rows(report):
     # Same cache directory as the fixture: every successful compile is served from it.
     first = {(r["kernel"], r["arch"]): r for r in report["triton_rows"]}
     again = check_kernels(dtypes=("float32",), archs=(90, 80), jobs=2, cache_dir=report["cache_dir"],
-                          sources=((str(FIXTURES), "tests.kernel_check_fixtures"),),
-                          scenario_modules=("tests.kernel_check_fixtures.kernels",), autotune_modes=("1",),
+                          sources=((str(FIXTURES), "tests.kernel_check.fixtures"),),
+                          scenario_modules=("tests.kernel_check.fixtures.kernels",), autotune_modes=("1",),
                           cuda=False, echo=lambda *a: None)
     for r in again["triton_rows"]:
         assert r["cached"] == (r["status"] != "error")
@@ -72,8 +72,8 @@ def test_cache_returns_the_same_rows(report):
 
 
 def test_discovery_finds_every_jit_function():
-    found = discovery.jit_functions(FIXTURES, "tests.kernel_check_fixtures")
-    assert found == {"tests.kernel_check_fixtures.kernels": [
+    found = discovery.jit_functions(FIXTURES, "tests.kernel_check.fixtures")
+    assert found == {"tests.kernel_check.fixtures.kernels": [
         "_spilling_kernel", "_broken_kernel", "_clean_kernel", "_never_launched_kernel"]}
 
 

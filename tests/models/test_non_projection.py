@@ -3,7 +3,7 @@
 In "sft" mode (the authors' recipe) the SFT model's norms and biases are kept and trained and its
 embeddings / lm_head kept frozen: with every mask on the patched model is the SFT model, and in
 train mode logits and every gradient equal the literal SPEC reference and a re-statement of the
-authors' parametrisation (tests/lcdd_reference.py). "base" is the strict mode. Differences are
+authors' parametrisation (tests/helpers/lcdd_reference.py). "base" is the strict mode. Differences are
 reported on the handle and in the log either way."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import lcdd_kernels as L
 from lcdd_kernels.models.families import Dims
 from lcdd_kernels.models.tiny import TINY, tiny_model
 
-from .helpers import assert_close
-from .lcdd_reference import AuthorsLCDD, SpecLCDD, projection_names, train_non_projection
-from .sft_pairs import sft_pair
+from tests.helpers.compare import assert_close
+from tests.helpers.lcdd_reference import AuthorsLCDD, SpecLCDD, projection_names, train_non_projection
+from tests.helpers.sft_pairs import sft_pair
 
 FAMILIES = list(TINY)
 

@@ -1,5 +1,5 @@
 """apply_lcdd on tiny GQA models of every family: forward and every gradient against the literal SPEC
-reference (tests/lcdd_reference.py), edge masks, remove(), gradient checkpointing, bf16 autocast,
+reference (tests/helpers/lcdd_reference.py), edge masks, remove(), gradient checkpointing, bf16 autocast,
 the authors' θ import, and the errors for bad inputs."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from lcdd_kernels.models.families import GROUPS, Dims
 from lcdd_kernels.models.tiny import TINY, tiny_config, tiny_model
 from lcdd_kernels.train.loop import enable_checkpointing
 
-from .helpers import assert_close
-from .lcdd_reference import SpecLCDD, group_lengths, projection_names
+from tests.helpers.compare import assert_close
+from tests.helpers.lcdd_reference import SpecLCDD, group_lengths, projection_names
 
 FAMILIES = list(TINY)
 

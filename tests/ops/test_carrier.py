@@ -10,8 +10,8 @@ import lcdd_kernels as L
 from lcdd_kernels import _backend
 from lcdd_kernels.ops.carrier import bank_linear_ref, carrier_linear_ref
 
-from .conftest import HAS_CUDA
-from .helpers import assert_close
+from tests.helpers.devices import HAS_CUDA
+from tests.helpers.compare import assert_close
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 BACKENDS = (["torch", "reference", "triton"] + (["cpp"] if _backend.native_available() and not HAS_CUDA else [])

@@ -21,7 +21,7 @@ from lcdd_kernels.carriers.bank import CarrierBank
 from lcdd_kernels.models.patch import apply_lcdd
 from lcdd_kernels.models.tiny import TINY, tiny_model
 
-from .sft_pairs import sft_pair
+from tests.helpers.sft_pairs import sft_pair
 
 
 @pytest.fixture(autouse=True)
@@ -116,12 +116,12 @@ def test_lcdd_training_inductor_matches_eager():
 def test_train_lcdd_compile_option_gives_the_eager_losses():
     from lcdd_kernels.dual import DualController
 
-    from .test_train import CTL, _examples
+    from tests.helpers.train_examples import CTL, random_examples
 
     logs = []
     for comp in (False, True):
         sft, base = tiny_model("qwen3", seed=1), tiny_model("qwen3", seed=0)
-        res = L.train_lcdd(sft, base, _examples(), controller=DualController(**CTL), max_steps=3, batch_size=4,
+        res = L.train_lcdd(sft, base, random_examples(), controller=DualController(**CTL), max_steps=3, batch_size=4,
                            lr=1e-3, progress=False, compile=comp, compile_backend="aot_eager")
         logs.append([r["task_loss"] for r in res.log])
     assert logs[1] == pytest.approx(logs[0], rel=1e-5)
@@ -134,9 +134,9 @@ def test_trainer_torch_compile_with_callback_matches_eager(tmp_path):
     from lcdd_kernels.train import LCDDCallback
     from lcdd_kernels.train.data import collate
 
-    from .test_train import CTL, _examples
+    from tests.helpers.train_examples import CTL, random_examples
 
-    examples = _examples(n=4, seed=5)
+    examples = random_examples(n=4, seed=5)
     losses = []
     for comp in (False, True):
         sft, base = tiny_model("llama", seed=1), tiny_model("llama", seed=0)

@@ -1,4 +1,4 @@
-"""Differential fuzzing of every op on every backend that can run, against tests/oracle.py
+"""Differential fuzzing of every op on every backend that can run, against tests/helpers/oracle.py
 (float64, written from docs/spec.md, independent of the ops' own references).
 
 Random cases: shapes with 0 and 1 in every dimension, 1-D/2-D/3-D x, x contiguous, transposed,
@@ -12,7 +12,7 @@ a small absolute slack.
 
 Example counts: the hypothesis profile (tests/conftest.py: "ci" in `make test`, "fuzz" in
 `make fuzz`) times a per-backend weight (the Triton interpreter is ~50x slower than the rest).
-Every case that was checked completely is counted (tests/fuzz_report.py).
+Every case that was checked completely is counted (tests/helpers/fuzz_report.py).
 """
 
 from __future__ import annotations
@@ -28,10 +28,10 @@ from hypothesis import strategies as st
 import lcdd_kernels as L
 from lcdd_kernels import _backend
 
-from . import oracle
-from .conftest import HAS_CUDA
-from .fuzz_report import record
-from .helpers import assert_close
+from tests.helpers import oracle
+from tests.helpers.devices import HAS_CUDA
+from tests.helpers.fuzz_report import record
+from tests.helpers.compare import assert_close
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 F64, F32, F16 = torch.float64, torch.float32, torch.float16

@@ -10,7 +10,7 @@ import lcdd_kernels as L
 from lcdd_kernels import _backend
 from lcdd_kernels.ops.gather import gather_channels_ref
 
-from .conftest import HAS_CUDA
+from tests.helpers.devices import HAS_CUDA
 
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 BACKENDS = ["triton", "torch", "reference"] + (["cpp"] if _backend.native_available() else [])

@@ -13,7 +13,7 @@ import torch
 
 from lcdd_kernels import _backend
 from lcdd_kernels.ops.carrier import CarrierTable
-from tests.conftest import DEVICES
+from tests.helpers.devices import DEVICES
 
 OPS = ["masked_delta_linear", "masked_delta_linear_backward", "masked_delta_swiglu", "masked_delta_swiglu_backward",
        "masked_delta_swiglu_backward_", "carrier_linear", "bank_linear", "gather_channels", "gather_channels_out"]

@@ -10,22 +10,8 @@ from hypothesis import strategies as st
 import lcdd_kernels as L
 from lcdd_kernels.ops.masked_delta import masked_delta_linear_ref
 
-from .helpers import assert_close
-from .test_masked_delta import DEVICE, make_case, make_swiglu
-
-
-def saved_non_input_tensors(fn, inputs):
-    """Run fn(*inputs) and return the tensors autograd saved that do not share storage with an input."""
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(*inputs)
-    storages = {t.untyped_storage().data_ptr() for t in inputs if isinstance(t, torch.Tensor)}
-    return out, [t for t in saved if t.untyped_storage().data_ptr() not in storages]
+from tests.helpers.compare import assert_close
+from tests.helpers.masked_delta_cases import DEVICE, make_case, make_swiglu, saved_non_input_tensors
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

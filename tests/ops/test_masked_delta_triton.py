@@ -12,8 +12,8 @@ import torch
 import lcdd_kernels as L
 from lcdd_kernels.ops.masked_delta import masked_delta_linear_ref, masked_delta_swiglu_ref
 
-from .helpers import assert_close
-from .test_masked_delta import (
+from tests.helpers.compare import assert_close
+from tests.helpers.masked_delta_cases import (
     DEVICE,
     DTYPES,
     LIN_GRADS,
@@ -24,8 +24,8 @@ from .test_masked_delta import (
     make_case,
     make_swiglu,
     run,
+    saved_non_input_tensors,
 )
-from .test_masked_delta_memory_and_errors import saved_non_input_tensors
 
 M = pytest.importorskip("lcdd_kernels.ops.masked_delta_triton")
 

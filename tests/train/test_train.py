@@ -16,18 +16,8 @@ from lcdd_kernels.models.tiny import TINY, tiny_model, tiny_tokenizer
 from lcdd_kernels.train import LCDDCallback, TrainConfig, as_examples, encode, train_lcdd, train_sft
 from lcdd_kernels.train.data import IGNORE
 
-from .lcdd_reference import SpecLCDD
-
-CTL = dict(warmup_steps=2, lambda_init=0.5, budget_ratio=0.05, lambda_lr=0.5)
-
-
-def _examples(n=8, t=10, prompt=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for _ in range(n):
-        ids = torch.randint(3, 90, (t,), generator=g).tolist()
-        out.append({"input_ids": ids, "labels": [IGNORE] * prompt + ids[prompt:]})
-    return out
+from tests.helpers.lcdd_reference import SpecLCDD
+from tests.helpers.train_examples import CTL, random_examples
 
 
 def _reference_run(plain, sft_state, base_state, theta0, examples, cfg: TrainConfig, steps):
@@ -68,7 +58,7 @@ def test_lcdd_loop_matches_spec_reference_step_by_step(family):
     sft_state = {k: v.clone() for k, v in sft.state_dict().items()}
     n = Dims.from_config(sft).num_masks
     theta0 = 0.02 * torch.randn(n, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.01
-    examples = _examples()
+    examples = random_examples()
     cfg = TrainConfig(lr=5e-3, mask_lr=0.5, batch_size=2, grad_accum=2, max_steps=6, shuffle=False,
                       max_grad_norm=0.5, progress=False, plot=False)
     handle = L.apply_lcdd(sft, base, theta=theta0, non_projection="base")
@@ -88,7 +78,7 @@ def test_lcdd_loop_matches_spec_reference_step_by_step(family):
 
 
 def test_checkpoint_resume_is_exact(tmp_path):
-    examples = _examples(n=12, seed=3)
+    examples = random_examples(n=12, seed=3)
     kw = dict(lr=5e-3, batch_size=2, grad_accum=2, progress=False, plot=False, seed=4)
 
     def fresh():
@@ -117,7 +107,7 @@ def test_checkpoint_resume_is_exact(tmp_path):
 
 def test_outputs_progress_and_plot(tmp_path, capsys):
     sft, base = tiny_model("llama", seed=1), tiny_model("llama", seed=0)
-    res = train_lcdd(sft, base, _examples(), out_dir=tmp_path / "run", max_steps=3, batch_size=4,
+    res = train_lcdd(sft, base, random_examples(), out_dir=tmp_path / "run", max_steps=3, batch_size=4,
                      controller=DualController(**CTL))
     assert (tmp_path / "run" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (tmp_path / "run" / "checkpoint-3" / "state.pt").is_file()
@@ -176,7 +166,7 @@ def test_data_errors(tmp_path):
     with pytest.raises(ValueError, match="need a tokenizer"):
         as_examples([{"prompt": "a", "response": "b"}])
     with pytest.raises(TypeError, match="unknown training options"):
-        train_sft(tiny_model("llama"), _examples(), nonsense=1)
+        train_sft(tiny_model("llama"), random_examples(), nonsense=1)
 
 
 # ------------------------------------------------------------------------------ Trainer callback
@@ -189,7 +179,7 @@ def test_trainer_callback_matches_own_loop(tmp_path, capsys):
 
     from lcdd_kernels.train.data import collate
 
-    examples = _examples(n=4, seed=5)
+    examples = random_examples(n=4, seed=5)
     n_steps = 4
     theta0 = 0.05 * torch.randn(Dims.from_config(tiny_model("llama")).num_masks,
                                 generator=torch.Generator().manual_seed(0))
@@ -225,7 +215,7 @@ def test_trainer_callback_matches_own_loop(tmp_path, capsys):
 
 def test_bf16_autocast_and_checkpointing_in_the_loop():
     sft, base = tiny_model("mistral", seed=1), tiny_model("mistral", seed=0)
-    res = train_lcdd(sft, base, _examples(), max_steps=2, batch_size=4, bf16=True, gradient_checkpointing=True,
+    res = train_lcdd(sft, base, random_examples(), max_steps=2, batch_size=4, bf16=True, gradient_checkpointing=True,
                      controller=DualController(**CTL), progress=False)
     assert all(math.isfinite(r["task_loss"]) for r in res.log)
     assert all(m.weight.dtype == torch.float32 for m in res.handle.modules.values())
