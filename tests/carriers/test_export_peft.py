@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import lcdd_kernels as L
-from lcdd_kernels.carriers.export import (CONFIG_NAME, PREFIX, REPORT_NAME, WEIGHTS_NAME, _as_carrier,
+from lcdd_kernels.carriers.export import (CONFIG_NAME, PREFIX, REPORT_NAME, WEIGHTS_NAME,
                                           export_peft, vllm_max_lora_rank)
 from lcdd_kernels.carriers.carrier import CarrierModule
 from lcdd_kernels.models.patch import apply_lcdd
@@ -181,7 +181,12 @@ def test_max_rank_truncates_and_reports(carriers, tmp_path, caplog):
         else:
             assert m.rel_error == 0.0
     # the adapter PEFT loads is the truncated carrier, and the reported logit change is its distance
-    approx = _as_carrier(carrier, tensors)
+    # written out here from the adapter's tensors: Δ_kept = (B·A)[rows][:, cols], fp64, then the carrier dtype
+    approx = replace(carrier, theta=None, modules={
+        path: CarrierModule(m.rows, m.cols, (tensors[f"{PREFIX}{path}.lora_B.weight"].double()[m.rows.long()]
+                                            @ tensors[f"{PREFIX}{path}.lora_A.weight"].double()[:, m.cols.long()]
+                                            ).to(carrier.dtype))
+        for path, m in carrier.modules.items()})
     model = PeftModel.from_pretrained(_base("qwen3"), tmp_path / "a").eval()
     _check("truncated", _logits(model), "qwen3", approx)
     g = torch.Generator().manual_seed(0)
