@@ -241,8 +241,11 @@ void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t 
     // scratch: x of a chunk, token-innermost (base rows: every column; carriers: their columns);
     // a few-token chunk reads the base columns of x in place
     Acc<T>* const xb = scratch<Acc<T>>(0, tokens > kFewTokens ? n_in * kTok : 0);
-    Acc<T>* const xg = scratch<Acc<T>>(1, max_cols * kTok);
-    int64_t xb_chunk = -1;
+    // each used carrier's columns of x for the chunk, gathered once per chunk (not per row block:
+    // a decode step would otherwise gather them N / kRowBlock times)
+    const int64_t xg_stride = max_cols * kTok;
+    Acc<T>* const xg = scratch<Acc<T>>(1, static_cast<int64_t>(rt.used.size()) * xg_stride);
+    int64_t xb_chunk = -1, xg_chunk = -1;
     Acc<T> acc[kRowBlock][kTok];
     Acc<T> part[kRows][kTok];
 #pragma omp for schedule(static)
@@ -266,7 +269,10 @@ void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t 
         const Acc<T> b = bias ? static_cast<Acc<T>>(to_float(bias[n])) : Acc<T>(0);
         for (int k = 0; k < kTok; ++k) acc[n - n0][k] += b;
       }
-      for (int64_t c : rt.used) {
+      const bool gather = xg_chunk != ch;
+      xg_chunk = ch;
+      for (size_t u = 0; u < rt.used.size(); ++u) {
+        const int64_t c = rt.used[u];
         int64_t tok[kTok];
         bool any = false;
         for (int k = 0; k < kTok; ++k) {
@@ -275,16 +281,17 @@ void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t 
         }
         if (!any) continue;
         const lcdd_carrier_view& v = cv[c];
+        Acc<T>* const xgc = xg + static_cast<int64_t>(u) * xg_stride;
+        if (gather) prepare_tokens(x, xs, tok, nt, v.cols, v.n_cols, xgc);
         const int64_t j0 = std::lower_bound(v.rows, v.rows + v.n_rows, static_cast<int32_t>(n0)) - v.rows;
         const int64_t j1 = std::lower_bound(v.rows + j0, v.rows + v.n_rows, static_cast<int32_t>(n1)) - v.rows;
         if (j0 == j1) continue;
-        prepare_tokens(x, xs, tok, nt, v.cols, v.n_cols, xg);
         const T* delta = static_cast<const T*>(v.delta);
         for (int64_t j = j0; j < j1; j += kRows) {
           const int nr = static_cast<int>(std::min<int64_t>(kRows, j1 - j));
           const T* w[kRows];
           for (int r = 0; r < nr; ++r) w[r] = delta + (j + r) * v.n_cols;
-          rows_times_tokens(w, nr, x, xs, tok, nt, v.cols, v.n_cols, xg, part);
+          rows_times_tokens(w, nr, x, xs, tok, nt, v.cols, v.n_cols, xgc, part);
           for (int r = 0; r < nr; ++r)
             for (int k = 0; k < kTok; ++k) acc[v.rows[j + r] - n0][k] += part[r][k];
         }

@@ -11,7 +11,9 @@ it then does only what the shapes require: attribute checks (no tensor reduction
   float64 batches above :data:`FUSED_MAX_TOKENS` tokens (prefill), PyTorch's GEMM (MKL / oneDNN)
   writes the output and ``lcdd_carrier_add_prepared_cpu`` adds the rows in place: at those sizes
   the GEMM is compute-bound and the vendor GEMM is faster than the library's own.
-- otherwise (CUDA, autograd recording on x, torch.compile, autocast): the registered op
+- otherwise (CUDA, autograd recording on x, torch.compile, autocast, a backend other than ``cpp``
+  forced by ``use_backend`` / ``set_backend``, or by ``LCDD_BACKEND`` when the plan was built):
+  the registered op
   ``torch.ops.lcdd.bank_linear`` on the plan's table, with the backend chosen once per device and
   batch class; capturable in a CUDA graph (no host sync) and differentiable in x.
 
@@ -29,6 +31,7 @@ one-off calls that check everything per call.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -38,6 +41,8 @@ from . import _native
 from .carrier import CarrierTable, _select, ids_or_base
 
 __all__ = ["CarrierPlan", "FUSED_MAX_TOKENS"]
+
+_NATIVE = (None, "auto", "cpp")
 
 #: float32 / float64 batches above this many tokens run PyTorch's GEMM then the native carrier
 #: add; 16-bit batches always use the fused native call (PyTorch's bf16 / fp16 CPU GEMM without
@@ -129,6 +134,10 @@ class CarrierPlan:
                                                               self.out_features, self.in_features):
             raise ValueError("CarrierPlan: the native check refused the carriers' indices (sorted, unique, "
                              "in range); build the plan from checked (delta, rows, cols)")
+        # LCDD_BACKEND is read here, once (an environment lookup per call costs microseconds);
+        # use_backend(...) / set_backend(...) are followed per call
+        env = os.environ.get("LCDD_BACKEND", "").strip().lower()
+        self._env = None if env in ("", "auto") else env
         self._views = _native.ptr(table.views)
         self._wshape, self._bshape = torch.Size((self.out_features, self.in_features)), torch.Size((self.out_features,))
         self._slots = len(table)
@@ -164,7 +173,8 @@ class CarrierPlan:
         if (self._cpu and x.is_cpu and x.dtype is self.dtype and base_weight.dtype is self.dtype
                 and not (torch.is_grad_enabled() and (x.requires_grad or base_weight.requires_grad
                                                       or (bias is not None and bias.requires_grad)))
-                and not torch.compiler.is_compiling() and _backend.requested() in (None, "cpp")):
+                and not torch.compiler.is_compiling()
+                and (getattr(_backend._state, "name", None) or _backend._global_override or self._env) in _NATIVE):
             return self._cpu_call(x, base_weight, bias, slot_ids, n, k)
         return self._op_call(x, base_weight, bias, slot_ids, n, k)
 
@@ -204,7 +214,7 @@ class CarrierPlan:
                 ids = ids.contiguous()
             ids_ptr = ids.data_ptr()
         n_views = self._slots if ids is not None or self._slots < 1 else 1  # no ids: slot 0 on every token
-        y = torch.empty((t, n), dtype=x.dtype)
+        y = x.new_empty((t, n))
         lib = _native.lib()
         if t <= self._fused_max:
             lib.carrier_linear_prepared_cpu(x2.data_ptr(), x2.stride(0), base_weight.data_ptr(),
