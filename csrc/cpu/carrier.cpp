@@ -76,25 +76,8 @@ inline void gather_tokens(const T* x, int64_t xs, const int64_t* tok, int nt, co
   }
 }
 
-// Σ_i a[i]·b[i] and Σ_i d[i]·xg[i]: the few-token path (up to four tokens would leave most of the
-// micro-kernel's token lanes empty); the simd reduction vectorises over i.
-template <typename T>
-inline Acc<T> dot(const T* a, const T* b, int64_t n) {
-  Acc<T> s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += static_cast<Acc<T>>(to_float(a[i])) * static_cast<Acc<T>>(to_float(b[i]));
-  return s;
-}
-
-template <typename T>
-inline Acc<T> dot_acc(const T* d, const Acc<T>* xg, int64_t n) {
-  Acc<T> s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += static_cast<Acc<T>>(to_float(d[i])) * xg[i];
-  return s;
-}
-
-// Σ_i w_r[i]·v[i] for four rows at once: four independent accumulator chains, so the GEMV of a
+// The few-token path (up to four tokens would leave most of the micro-kernel's token lanes empty):
+// Σ_i w_r[i]·v[i] for four rows at once, four independent accumulator chains, so the GEMV of a
 // decode step is bound by memory, not by the latency of one chain of fused multiply-adds. `V` is
 // T (x read in place) or Acc<T> (x gathered at a carrier's columns).
 template <typename T, typename V>
@@ -143,16 +126,18 @@ inline void rows_times_tokens(const T* const* w, int nr, const T* x, int64_t xs,
     micro(w, nr, n, xg, out);
     return;
   }
+  // fewer than four rows (a carrier's few rows inside an output block) repeat the first: one
+  // chain per row would make the dot latency-bound, and the repeated row is in L1 already
+  const T* w4[kRows];
+  for (int r = 0; r < kRows; ++r) w4[r] = w[r < nr ? r : 0];
   for (int k = 0; k < nt; ++k) {
-    if (nr == kRows && tok[k] >= 0) {
-      Acc<T> o[kRows];
-      if (cols) dot4(w, xg + k * n, n, o); else dot4(w, x + tok[k] * xs, n, o);
-      for (int r = 0; r < kRows; ++r) out[r][k] = o[r];
+    if (tok[k] < 0) {
+      for (int r = 0; r < nr; ++r) out[r][k] = 0;
       continue;
     }
-    for (int r = 0; r < nr; ++r) {
-      out[r][k] = tok[k] < 0 ? Acc<T>(0) : cols ? dot_acc(w[r], xg + k * n, n) : dot(w[r], x + tok[k] * xs, n);
-    }
+    Acc<T> o[kRows];
+    if (cols) dot4(w4, xg + k * n, n, o); else dot4(w4, x + tok[k] * xs, n, o);
+    for (int r = 0; r < nr; ++r) out[r][k] = o[r];
   }
 }
 
