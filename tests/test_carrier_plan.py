@@ -176,3 +176,20 @@ def test_bank_model_uses_the_plan():
     assert isinstance(plan, CarrierPlan) and len(plan) == 1 and bank.plan("p", (N, K)) is plan
     bank.remove(cid)
     assert bank.plan("p", (N, K)) is not plan  # rebuilt when the bank changes
+
+
+def test_plan_16bit_prefill_on_a_cpu_with_a_bf16_gemm(monkeypatch):
+    """Where the CPU has a native bf16 GEMM, 16-bit prefill runs it and then the carrier add."""
+    from lcdd_kernels.ops import carrier_plan
+
+    monkeypatch.setattr(carrier_plan, "_native_16bit_gemm", lambda: True)
+    t, n, k = FUSED_MAX_TOKENS + 5, 23, 31
+    g = torch.Generator().manual_seed(9)
+    x64, w64 = torch.randn(t, k, generator=g, dtype=torch.float64), torch.randn(n, k, generator=g, dtype=torch.float64)
+    c64 = _cast(_carriers(n, k), torch.float64)
+    ids = torch.tensor([(i % len(c64)) - 1 for i in range(t)], dtype=torch.int32)
+    plan = CarrierPlan(w64.bfloat16(), _cast(c64, torch.bfloat16))
+    assert plan._fused_max == FUSED_MAX_TOKENS
+    with torch.no_grad():
+        got = plan(x64.bfloat16(), w64.bfloat16(), None, ids)
+    assert_close("plan bf16 GEMM + add", got, bank_linear_ref(x64, w64, c64, ids))

@@ -45,9 +45,19 @@ __all__ = ["CarrierPlan", "FUSED_MAX_TOKENS"]
 _NATIVE = (None, "auto", "cpp")
 
 #: float32 / float64 batches above this many tokens run PyTorch's GEMM then the native carrier
-#: add; 16-bit batches always use the fused native call (PyTorch's bf16 / fp16 CPU GEMM without
-#: AVX-512 BF16 / AMX converts per call and is slower than the library's fp32-accumulating one).
+#: add. 16-bit batches do too on CPUs with AVX-512 BF16 or AMX (oneDNN's native bf16 GEMM);
+#: elsewhere they always use the fused native call (PyTorch's bf16 / fp16 GEMM then converts per
+#: call and is slower than the library's fp32-accumulating one: 0.36-0.43x its time at T = 512
+#: on an AVX2 CPU, benchmarks/results/carrier-cpu.json).
 FUSED_MAX_TOKENS = 16
+
+
+def _native_16bit_gemm() -> bool:
+    cpu = getattr(torch, "cpu", None)
+    try:
+        return bool(cpu._is_avx512_bf16_supported() or cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without the probes: assume no bf16 GEMM in hardware
+        return False
 
 
 class CarrierPlan:
@@ -129,7 +139,8 @@ class CarrierPlan:
         # without the extension (a build without _C) every call takes the registered op's torch path
         self._cpu = self.device.type == "cpu" and _backend.native_available()
         self._code = _native.DTYPE[dtype]
-        self._fused_max = FUSED_MAX_TOKENS if dtype in (torch.float32, torch.float64) else math.inf
+        wide = dtype in (torch.float32, torch.float64)
+        self._fused_max = FUSED_MAX_TOKENS if wide or (self._cpu and _native_16bit_gemm()) else math.inf
         if self._cpu and not _native.lib().carrier_check_cpu(_native.ptr(table.views), len(table),
                                                               self.out_features, self.in_features):
             raise ValueError("CarrierPlan: the native check refused the carriers' indices (sorted, unique, "
