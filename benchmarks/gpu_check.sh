@@ -126,6 +126,8 @@ stage bench-designs 45 "${LCDD[@]}" bench training --device cuda --dtype bfloat1
 # ---- HOOKS: the other suites. Each one registered in lcdd_kernels/cli/bench.py (SUITES) runs here
 # ---- with the common options, into $OUT/<suite>-gpu.json; a suite not registered yet is skipped.
 # ---- Keep each under its cap (seconds) and the whole script under 8 minutes: one results file each.
+# ---- carrier: the CPU table's providers (base, naive, checked, lcdd, plan = CarrierPlan) for T = 1,
+# ---- 16, 512 and 0 / 1 / 4 carriers, each row against the GPU's copy bandwidth measured in the run.
 for hook in "carrier 45" "eraser 45" "lcdd-step 45"; do
     read -r suite cap <<<"$hook"
     if "${LCDD[@]}" bench "$suite" --help >/dev/null 2>&1; then

@@ -58,6 +58,7 @@ _EXPORTS: dict[str, str] = {
     # carrier inference (SPEC §4): fused ops, many carriers per batch, merge / unmerge
     "carrier_linear": ".ops.carrier",
     "bank_linear": ".ops.carrier",
+    "CarrierPlan": ".ops.carrier_plan",
     "CarrierBank": ".carriers.bank",
     "apply_carrier_bank": ".carriers.bank",
     "merge_carrier_": ".carriers.merge",
@@ -96,6 +97,7 @@ if TYPE_CHECKING:  # pragma: no cover - for static tools only
     from .atomic import publish_dir, write_file_atomic  # noqa: F401
     from .masks import HeavisideMask, heaviside_st  # noqa: F401
     from .ops.carrier import bank_linear, carrier_linear  # noqa: F401
+    from .ops.carrier_plan import CarrierPlan  # noqa: F401
     from .models.authors import load_authors_masks  # noqa: F401
     from .models.families import decoder_layers, get_family  # noqa: F401
     from .models.patch import LCDDHandle, apply_lcdd  # noqa: F401

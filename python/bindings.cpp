@@ -70,6 +70,28 @@ PYBIND11_MODULE(_C, m) {
                                ptr<const int32_t>(ids)),
           "lcdd_carrier_add_cpu");
   });
+  // the prepared entry points (views checked once by carrier_check_cpu): same arguments as above
+  m.def("carrier_check_cpu", [](std::uintptr_t views, int64_t n_views, int64_t n_out, int64_t n_in) {
+    return lcdd_carrier_check_cpu(ptr<const lcdd_carrier_view>(views), n_views, n_out, n_in) == LCDD_OK;
+  });
+  m.def("carrier_linear_prepared_cpu", [](std::uintptr_t x, int64_t xs, std::uintptr_t base, std::uintptr_t bias,
+                                          std::uintptr_t y, int64_t tokens, int64_t n_out, int64_t n_in, int dtype,
+                                          std::uintptr_t views, int64_t n_views, std::uintptr_t ids) {
+    py::gil_scoped_release nogil;
+    check(lcdd_carrier_linear_prepared_cpu(ptr<const void>(x), xs, ptr<const void>(base), ptr<const void>(bias),
+                                           ptr<void>(y), tokens, n_out, n_in, static_cast<lcdd_dtype>(dtype),
+                                           ptr<const lcdd_carrier_view>(views), n_views, ptr<const int32_t>(ids)),
+          "lcdd_carrier_linear_prepared_cpu");
+  });
+  m.def("carrier_add_prepared_cpu", [](std::uintptr_t x, int64_t xs, std::uintptr_t y, int64_t tokens,
+                                       int64_t n_out, int64_t n_in, int dtype, std::uintptr_t views, int64_t n_views,
+                                       std::uintptr_t ids) {
+    py::gil_scoped_release nogil;
+    check(lcdd_carrier_add_prepared_cpu(ptr<const void>(x), xs, ptr<void>(y), tokens, n_out, n_in,
+                                        static_cast<lcdd_dtype>(dtype), ptr<const lcdd_carrier_view>(views),
+                                        n_views, ptr<const int32_t>(ids)),
+          "lcdd_carrier_add_prepared_cpu");
+  });
   m.def("carrier_linear_cuda", [](std::uintptr_t x, int64_t xs, std::uintptr_t base, std::uintptr_t bias,
                                   std::uintptr_t y, int64_t tokens, int64_t n_out, int64_t n_in, int dtype,
                                   std::uintptr_t views, int64_t n_views, std::uintptr_t ids, std::uintptr_t stream) {

@@ -76,22 +76,26 @@ inline void gather_tokens(const T* x, int64_t xs, const int64_t* tok, int nt, co
   }
 }
 
-// Σ_i a[i]·b[i] and Σ_i d[i]·xg[i]: the few-token path (up to four tokens would leave most of the
-// micro-kernel's token lanes empty); the simd reduction vectorises over i.
-template <typename T>
-inline Acc<T> dot(const T* a, const T* b, int64_t n) {
-  Acc<T> s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += static_cast<Acc<T>>(to_float(a[i])) * static_cast<Acc<T>>(to_float(b[i]));
-  return s;
-}
-
-template <typename T>
-inline Acc<T> dot_acc(const T* d, const Acc<T>* xg, int64_t n) {
-  Acc<T> s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t i = 0; i < n; ++i) s += static_cast<Acc<T>>(to_float(d[i])) * xg[i];
-  return s;
+// The few-token path (up to four tokens would leave most of the micro-kernel's token lanes empty):
+// Σ_i w_r[i]·v[i] for four rows at once, four independent accumulator chains, so the GEMV of a
+// decode step is bound by memory, not by the latency of one chain of fused multiply-adds. `V` is
+// T (x read in place) or Acc<T> (x gathered at a carrier's columns).
+template <typename T, typename V>
+inline void dot4(const T* const* w, const V* v, int64_t n, Acc<T>* out) {
+  Acc<T> s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  const T *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t i = 0; i < n; ++i) {
+    const Acc<T> vi = static_cast<Acc<T>>(to_float(v[i]));
+    s0 += static_cast<Acc<T>>(to_float(w0[i])) * vi;
+    s1 += static_cast<Acc<T>>(to_float(w1[i])) * vi;
+    s2 += static_cast<Acc<T>>(to_float(w2[i])) * vi;
+    s3 += static_cast<Acc<T>>(to_float(w3[i])) * vi;
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
 }
 
 // Token counts up to this use the dot path.
@@ -122,10 +126,18 @@ inline void rows_times_tokens(const T* const* w, int nr, const T* x, int64_t xs,
     micro(w, nr, n, xg, out);
     return;
   }
+  // fewer than four rows (a carrier's few rows inside an output block) repeat the first: one
+  // chain per row would make the dot latency-bound, and the repeated row is in L1 already
+  const T* w4[kRows];
+  for (int r = 0; r < kRows; ++r) w4[r] = w[r < nr ? r : 0];
   for (int k = 0; k < nt; ++k) {
-    for (int r = 0; r < nr; ++r) {
-      out[r][k] = tok[k] < 0 ? Acc<T>(0) : cols ? dot_acc(w[r], xg + k * n, n) : dot(w[r], x + tok[k] * xs, n);
+    if (tok[k] < 0) {
+      for (int r = 0; r < nr; ++r) out[r][k] = 0;
+      continue;
     }
+    Acc<T> o[kRows];
+    if (cols) dot4(w4, xg + k * n, n, o); else dot4(w4, x + tok[k] * xs, n, o);
+    for (int r = 0; r < nr; ++r) out[r][k] = o[r];
   }
 }
 
@@ -135,12 +147,14 @@ struct Routing {
   std::vector<int64_t> used;
 };
 
+// Ids outside [0, n_carriers) route nowhere: -1, and on the prepared entry points any id a caller
+// did not check (a checked call has refused them before).
 Routing route(const lcdd_carrier_view* cv, int64_t n_carriers, const int32_t* ids, int64_t tokens) {
   Routing r;
   r.tokens.resize(static_cast<size_t>(n_carriers));
   if (ids) {
     for (int64_t t = 0; t < tokens; ++t)
-      if (ids[t] >= 0) r.tokens[ids[t]].push_back(t);
+      if (ids[t] >= 0 && ids[t] < n_carriers) r.tokens[ids[t]].push_back(t);
   } else if (n_carriers > 0) {
     for (int64_t t = 0; t < tokens; ++t) r.tokens[0].push_back(t);
   }
@@ -155,24 +169,41 @@ bool strictly_increasing_below(const int32_t* v, int64_t n, int64_t upper) {
   return true;
 }
 
-lcdd_status validate(const void* x, int64_t x_stride, const void* y, int64_t tokens, int64_t n_out,
-                     int64_t n_in, const lcdd_carrier_view* cv, int64_t n_carriers, const int32_t* ids) {
-  if (tokens < 0 || n_out < 0 || n_in < 0 || n_carriers < 0) return LCDD_ERROR_INVALID_ARGUMENT;
-  if (tokens > 0 && n_in > 0 && (!x || x_stride < n_in)) return LCDD_ERROR_INVALID_ARGUMENT;
-  if (tokens > 0 && n_out > 0 && !y) return LCDD_ERROR_INVALID_ARGUMENT;
-  if (n_carriers > 0 && !cv) return LCDD_ERROR_INVALID_ARGUMENT;
-  if (ids)
-    for (int64_t t = 0; t < tokens; ++t)
-      if (ids[t] < -1 || ids[t] >= n_carriers) return LCDD_ERROR_INVALID_ARGUMENT;
+// The carriers' sizes and pointers (O(carriers)); with `indices`, also every row and column index
+// (O(their count): what the prepared entry points leave to lcdd_carrier_check_cpu, once).
+lcdd_status check_views(const lcdd_carrier_view* cv, int64_t n_carriers, int64_t n_out, int64_t n_in,
+                        bool indices) {
+  if (n_carriers < 0 || n_out < 0 || n_in < 0 || (n_carriers > 0 && !cv)) return LCDD_ERROR_INVALID_ARGUMENT;
   for (int64_t c = 0; c < n_carriers; ++c) {
     const lcdd_carrier_view& v = cv[c];
     if (v.n_rows < 0 || v.n_cols < 0 || v.n_rows > n_out || v.n_cols > n_in) return LCDD_ERROR_INVALID_ARGUMENT;
     if (v.n_rows == 0 || v.n_cols == 0) continue;
     if (!v.delta || !v.rows || !v.cols) return LCDD_ERROR_INVALID_ARGUMENT;
-    if (!strictly_increasing_below(v.rows, v.n_rows, n_out) || !strictly_increasing_below(v.cols, v.n_cols, n_in))
+    if (indices && (!strictly_increasing_below(v.rows, v.n_rows, n_out) ||
+                    !strictly_increasing_below(v.cols, v.n_cols, n_in)))
       return LCDD_ERROR_INVALID_ARGUMENT;
   }
   return LCDD_OK;
+}
+
+lcdd_status validate(const void* x, int64_t x_stride, const void* y, int64_t tokens, int64_t n_out,
+                     int64_t n_in, const lcdd_carrier_view* cv, int64_t n_carriers, const int32_t* ids,
+                     bool indices = true) {
+  if (tokens < 0 || n_out < 0 || n_in < 0 || n_carriers < 0) return LCDD_ERROR_INVALID_ARGUMENT;
+  if (tokens > 0 && n_in > 0 && (!x || x_stride < n_in)) return LCDD_ERROR_INVALID_ARGUMENT;
+  if (tokens > 0 && n_out > 0 && !y) return LCDD_ERROR_INVALID_ARGUMENT;
+  if (indices && ids)
+    for (int64_t t = 0; t < tokens; ++t)
+      if (ids[t] < -1 || ids[t] >= n_carriers) return LCDD_ERROR_INVALID_ARGUMENT;
+  return check_views(cv, n_carriers, n_out, n_in, indices);
+}
+
+// Per-thread scratch that only grows: a decode-sized call allocates (and zero-fills) nothing.
+template <typename A>
+A* scratch(int slot, int64_t n) {
+  thread_local std::vector<A> buf[2];
+  if (static_cast<int64_t>(buf[slot].size()) < n) buf[slot].resize(static_cast<size_t>(n));
+  return buf[slot].data();
 }
 
 // The fused projection. Tasks are (chunk of kTok tokens, block of kRowBlock output rows): the base
@@ -192,9 +223,14 @@ void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t 
   const bool par = tasks > 1 && tokens * n_out * n_in > lcdd::kMinParallelWork;
 #pragma omp parallel num_threads(lcdd::threads()) if (par)
   {
-    // scratch: x of a chunk, token-innermost (base rows: every column; carriers: their columns)
-    std::vector<Acc<T>> xb(static_cast<size_t>(n_in * kTok)), xg(static_cast<size_t>(max_cols * kTok));
-    int64_t xb_chunk = -1;
+    // scratch: x of a chunk, token-innermost (base rows: every column; carriers: their columns);
+    // a few-token chunk reads the base columns of x in place
+    Acc<T>* const xb = scratch<Acc<T>>(0, tokens > kFewTokens ? n_in * kTok : 0);
+    // each used carrier's columns of x for the chunk, gathered once per chunk (not per row block:
+    // a decode step would otherwise gather them N / kRowBlock times)
+    const int64_t xg_stride = max_cols * kTok;
+    Acc<T>* const xg = scratch<Acc<T>>(1, static_cast<int64_t>(rt.used.size()) * xg_stride);
+    int64_t xb_chunk = -1, xg_chunk = -1;
     Acc<T> acc[kRowBlock][kTok];
     Acc<T> part[kRows][kTok];
 #pragma omp for schedule(static)
@@ -205,20 +241,23 @@ void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t 
       int64_t all[kTok];
       for (int k = 0; k < kTok; ++k) all[k] = k < nt ? t0 + k : -1;
       if (xb_chunk != ch) {  // a static schedule walks a chunk's blocks in a row
-        prepare_tokens(x, xs, all, nt, nullptr, n_in, xb.data());
+        prepare_tokens(x, xs, all, nt, nullptr, n_in, xb);
         xb_chunk = ch;
       }
       for (int64_t r0 = n0; r0 < n1; r0 += kRows) {
         const int nr = static_cast<int>(std::min<int64_t>(kRows, n1 - r0));
         const T* w[kRows];
         for (int r = 0; r < nr; ++r) w[r] = base + (r0 + r) * n_in;
-        rows_times_tokens(w, nr, x, xs, all, nt, nullptr, n_in, xb.data(), acc + (r0 - n0));
+        rows_times_tokens(w, nr, x, xs, all, nt, nullptr, n_in, xb, acc + (r0 - n0));
       }
       for (int64_t n = n0; n < n1; ++n) {
         const Acc<T> b = bias ? static_cast<Acc<T>>(to_float(bias[n])) : Acc<T>(0);
         for (int k = 0; k < kTok; ++k) acc[n - n0][k] += b;
       }
-      for (int64_t c : rt.used) {
+      const bool gather = xg_chunk != ch;
+      xg_chunk = ch;
+      for (size_t u = 0; u < rt.used.size(); ++u) {
+        const int64_t c = rt.used[u];
         int64_t tok[kTok];
         bool any = false;
         for (int k = 0; k < kTok; ++k) {
@@ -227,16 +266,17 @@ void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t 
         }
         if (!any) continue;
         const lcdd_carrier_view& v = cv[c];
+        Acc<T>* const xgc = xg + static_cast<int64_t>(u) * xg_stride;
+        if (gather) prepare_tokens(x, xs, tok, nt, v.cols, v.n_cols, xgc);
         const int64_t j0 = std::lower_bound(v.rows, v.rows + v.n_rows, static_cast<int32_t>(n0)) - v.rows;
         const int64_t j1 = std::lower_bound(v.rows + j0, v.rows + v.n_rows, static_cast<int32_t>(n1)) - v.rows;
         if (j0 == j1) continue;
-        prepare_tokens(x, xs, tok, nt, v.cols, v.n_cols, xg.data());
         const T* delta = static_cast<const T*>(v.delta);
         for (int64_t j = j0; j < j1; j += kRows) {
           const int nr = static_cast<int>(std::min<int64_t>(kRows, j1 - j));
           const T* w[kRows];
           for (int r = 0; r < nr; ++r) w[r] = delta + (j + r) * v.n_cols;
-          rows_times_tokens(w, nr, x, xs, tok, nt, v.cols, v.n_cols, xg.data(), part);
+          rows_times_tokens(w, nr, x, xs, tok, nt, v.cols, v.n_cols, xgc, part);
           for (int r = 0; r < nr; ++r)
             for (int k = 0; k < kTok; ++k) acc[v.rows[j + r] - n0][k] += part[r][k];
         }
@@ -265,7 +305,7 @@ void add(const T* x, int64_t xs, T* y, int64_t n_out, const lcdd_carrier_view* c
   const bool par = n_tasks > 1 && work > lcdd::kMinParallelWork;
 #pragma omp parallel num_threads(lcdd::threads()) if (par)
   {
-    std::vector<Acc<T>> xg(static_cast<size_t>(max_cols * kTok));
+    Acc<T>* const xg = scratch<Acc<T>>(1, max_cols * kTok);
     Acc<T> part[kRows][kTok];
 #pragma omp for schedule(dynamic)
     for (int64_t it = 0; it < n_tasks; ++it) {
@@ -273,14 +313,14 @@ void add(const T* x, int64_t xs, T* y, int64_t n_out, const lcdd_carrier_view* c
       const lcdd_carrier_view& v = cv[task.c];
       const int64_t* tok = rt.tokens[task.c].data() + task.tok;
       const int nt = static_cast<int>(std::min<int64_t>(kTok, static_cast<int64_t>(rt.tokens[task.c].size()) - task.tok));
-      prepare_tokens(x, xs, tok, nt, v.cols, v.n_cols, xg.data());
+      prepare_tokens(x, xs, tok, nt, v.cols, v.n_cols, xg);
       const T* delta = static_cast<const T*>(v.delta);
       const int64_t j1 = std::min(v.n_rows, task.row + kAddRows);
       for (int64_t j = task.row; j < j1; j += kRows) {
         const int nr = static_cast<int>(std::min<int64_t>(kRows, j1 - j));
         const T* w[kRows];
         for (int r = 0; r < nr; ++r) w[r] = delta + (j + r) * v.n_cols;
-        rows_times_tokens(w, nr, x, xs, tok, nt, v.cols, v.n_cols, xg.data(), part);
+        rows_times_tokens(w, nr, x, xs, tok, nt, v.cols, v.n_cols, xg, part);
         for (int r = 0; r < nr; ++r) {
           for (int k = 0; k < nt; ++k) {
             T* out = y + tok[k] * n_out + v.rows[j + r];
@@ -307,11 +347,14 @@ lcdd_status lcdd_carrier_row_slots_cpu(const int32_t* rows, int64_t n_rows, int6
   return LCDD_OK;
 }
 
-lcdd_status lcdd_carrier_linear_cpu(const void* x, int64_t x_stride, const void* base, const void* bias,
-                                    void* y, int64_t tokens, int64_t out_features, int64_t in_features,
-                                    lcdd_dtype dtype, const lcdd_carrier_view* carriers,
-                                    int64_t n_carriers, const int32_t* ids) {
-  lcdd_status s = validate(x, x_stride, y, tokens, out_features, in_features, carriers, n_carriers, ids);
+}  // extern "C"
+
+namespace {
+
+lcdd_status linear_entry(const void* x, int64_t x_stride, const void* base, const void* bias, void* y,
+                         int64_t tokens, int64_t out_features, int64_t in_features, lcdd_dtype dtype,
+                         const lcdd_carrier_view* carriers, int64_t n_carriers, const int32_t* ids, bool checked) {
+  lcdd_status s = validate(x, x_stride, y, tokens, out_features, in_features, carriers, n_carriers, ids, checked);
   if (s != LCDD_OK) return s;
   if (out_features > 0 && in_features > 0 && !base) return LCDD_ERROR_INVALID_ARGUMENT;
   return lcdd::dispatch_float(dtype, [&](auto tag) {
@@ -324,10 +367,10 @@ lcdd_status lcdd_carrier_linear_cpu(const void* x, int64_t x_stride, const void*
   });
 }
 
-lcdd_status lcdd_carrier_add_cpu(const void* x, int64_t x_stride, void* y, int64_t tokens,
-                                 int64_t out_features, int64_t in_features, lcdd_dtype dtype,
-                                 const lcdd_carrier_view* carriers, int64_t n_carriers, const int32_t* ids) {
-  lcdd_status s = validate(x, x_stride, y, tokens, out_features, in_features, carriers, n_carriers, ids);
+lcdd_status add_entry(const void* x, int64_t x_stride, void* y, int64_t tokens, int64_t out_features,
+                      int64_t in_features, lcdd_dtype dtype, const lcdd_carrier_view* carriers, int64_t n_carriers,
+                      const int32_t* ids, bool checked) {
+  lcdd_status s = validate(x, x_stride, y, tokens, out_features, in_features, carriers, n_carriers, ids, checked);
   if (s != LCDD_OK) return s;
   return lcdd::dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -336,6 +379,44 @@ lcdd_status lcdd_carrier_add_cpu(const void* x, int64_t x_stride, void* y, int64
         route(carriers, n_carriers, ids, tokens));
     return LCDD_OK;
   });
+}
+
+}  // namespace
+
+extern "C" {
+
+lcdd_status lcdd_carrier_linear_cpu(const void* x, int64_t x_stride, const void* base, const void* bias,
+                                    void* y, int64_t tokens, int64_t out_features, int64_t in_features,
+                                    lcdd_dtype dtype, const lcdd_carrier_view* carriers,
+                                    int64_t n_carriers, const int32_t* ids) {
+  return linear_entry(x, x_stride, base, bias, y, tokens, out_features, in_features, dtype, carriers, n_carriers,
+                      ids, true);
+}
+
+lcdd_status lcdd_carrier_add_cpu(const void* x, int64_t x_stride, void* y, int64_t tokens,
+                                 int64_t out_features, int64_t in_features, lcdd_dtype dtype,
+                                 const lcdd_carrier_view* carriers, int64_t n_carriers, const int32_t* ids) {
+  return add_entry(x, x_stride, y, tokens, out_features, in_features, dtype, carriers, n_carriers, ids, true);
+}
+
+lcdd_status lcdd_carrier_check_cpu(const lcdd_carrier_view* carriers, int64_t n_carriers, int64_t out_features,
+                                   int64_t in_features) {
+  return check_views(carriers, n_carriers, out_features, in_features, true);
+}
+
+lcdd_status lcdd_carrier_linear_prepared_cpu(const void* x, int64_t x_stride, const void* base, const void* bias,
+                                             void* y, int64_t tokens, int64_t out_features, int64_t in_features,
+                                             lcdd_dtype dtype, const lcdd_carrier_view* carriers,
+                                             int64_t n_carriers, const int32_t* ids) {
+  return linear_entry(x, x_stride, base, bias, y, tokens, out_features, in_features, dtype, carriers, n_carriers,
+                      ids, false);
+}
+
+lcdd_status lcdd_carrier_add_prepared_cpu(const void* x, int64_t x_stride, void* y, int64_t tokens,
+                                          int64_t out_features, int64_t in_features, lcdd_dtype dtype,
+                                          const lcdd_carrier_view* carriers, int64_t n_carriers,
+                                          const int32_t* ids) {
+  return add_entry(x, x_stride, y, tokens, out_features, in_features, dtype, carriers, n_carriers, ids, false);
 }
 
 }  // extern "C"

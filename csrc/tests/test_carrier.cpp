@@ -119,6 +119,55 @@ void run_case(lcdd_dtype dt, int64_t tokens, int64_t n_out, int64_t n_in, bool w
     worst = std::fmax(worst, std::fabs(static_cast<double>(lcdd::to_float(y2[i])) - ref[i]));
   if (!(worst <= 2 * tol)) std::printf("add dtype %d T=%lld: max err %g > %g\n", dt, (long long)tokens, worst, 2 * tol);
   EXPECT(worst <= 2 * tol);
+
+  // prepared: views checked once, then the same results bit for bit (same kernels, same order)
+  EXPECT(lcdd_carrier_check_cpu(views.data(), static_cast<int64_t>(views.size()), n_out, n_in) == LCDD_OK);
+  std::vector<T> y3(tokens * n_out, store<T>(7.0)), y4(tokens * n_out);
+  EXPECT(lcdd_carrier_linear_prepared_cpu(x.data(), xs, base.data(), bias.data(), y3.data(), tokens, n_out, n_in,
+                                          dt, views.data(), static_cast<int64_t>(views.size()), idp) == LCDD_OK);
+  EXPECT(std::memcmp(y3.data(), y.data(), y.size() * sizeof(T)) == 0);
+  EXPECT(lcdd_carrier_linear_prepared_cpu(x.data(), xs, base.data(), bias.data(), y4.data(), tokens, n_out, n_in,
+                                          dt, nullptr, 0, nullptr) == LCDD_OK);
+  EXPECT(lcdd_carrier_add_prepared_cpu(x.data(), xs, y4.data(), tokens, n_out, n_in, dt, views.data(),
+                                       static_cast<int64_t>(views.size()), idp) == LCDD_OK);
+  EXPECT(std::memcmp(y4.data(), y2.data(), y2.size() * sizeof(T)) == 0);
+}
+
+// The prepared entry points on ids the checked ones refuse: an id outside [0, n_carriers) gives
+// its token the base projection alone (the checked path's -1).
+void prepared_ids() {
+  const int64_t n_out = 6, n_in = 5, tokens = 4;
+  std::vector<float> x(tokens * n_in), base(n_out * n_in), d(2 * 2, 1.0f);
+  for (size_t i = 0; i < x.size(); ++i) x[i] = static_cast<float>(uniform());
+  for (size_t i = 0; i < base.size(); ++i) base[i] = static_cast<float>(uniform());
+  int32_t rows[2] = {1, 4}, cols[2] = {0, 3};
+  lcdd_carrier_view v = {d.data(), rows, cols, nullptr, 2, 2};
+  int32_t odd[tokens] = {-7, 1, 5, -1}, none[tokens] = {-1, -1, -1, -1};
+  std::vector<float> y(tokens * n_out), want(tokens * n_out);
+  EXPECT(lcdd_carrier_linear_prepared_cpu(x.data(), n_in, base.data(), nullptr, y.data(), tokens, n_out, n_in,
+                                          LCDD_FLOAT32, &v, 1, odd) == LCDD_OK);
+  EXPECT(lcdd_carrier_linear_cpu(x.data(), n_in, base.data(), nullptr, want.data(), tokens, n_out, n_in,
+                                 LCDD_FLOAT32, &v, 1, none) == LCDD_OK);
+  EXPECT(std::memcmp(y.data(), want.data(), y.size() * sizeof(float)) == 0);
+  EXPECT(lcdd_carrier_linear_cpu(x.data(), n_in, base.data(), nullptr, want.data(), tokens, n_out, n_in,
+                                 LCDD_FLOAT32, &v, 1, odd) == LCDD_ERROR_INVALID_ARGUMENT);
+  // what the check refuses: unsorted, repeated, out of range, more rows than the projection
+  int32_t unsorted[2] = {4, 1}, repeated[2] = {3, 3}, oob[2] = {0, 5};
+  lcdd_carrier_view bad = v;
+  EXPECT(lcdd_carrier_check_cpu(&v, 1, n_out, n_in) == LCDD_OK);
+  bad.rows = unsorted;
+  EXPECT(lcdd_carrier_check_cpu(&bad, 1, n_out, n_in) == LCDD_ERROR_INVALID_ARGUMENT);
+  bad = v;
+  bad.cols = repeated;
+  EXPECT(lcdd_carrier_check_cpu(&bad, 1, n_out, n_in) == LCDD_ERROR_INVALID_ARGUMENT);
+  bad = v;
+  bad.cols = oob;
+  EXPECT(lcdd_carrier_check_cpu(&bad, 1, n_out, n_in) == LCDD_ERROR_INVALID_ARGUMENT);
+  bad = v;
+  bad.n_rows = n_out + 1;
+  EXPECT(lcdd_carrier_check_cpu(&bad, 1, n_out, n_in) == LCDD_ERROR_INVALID_ARGUMENT);
+  EXPECT(lcdd_carrier_linear_prepared_cpu(x.data(), n_in, base.data(), nullptr, y.data(), tokens, n_out, n_in,
+                                          LCDD_FLOAT32, &bad, 1, odd) == LCDD_ERROR_INVALID_ARGUMENT);
 }
 
 void bad_inputs() {
@@ -159,7 +208,7 @@ void bad_inputs() {
 }  // namespace
 
 int main() {
-  const int64_t shapes[][3] = {{1, 37, 29}, {2, 9, 40}, {5, 16, 16}, {16, 50, 70}, {40, 33, 130}, {0, 5, 5}, {3, 7, 0}};
+  const int64_t shapes[][3] = {{1, 37, 29}, {2, 9, 40}, {5, 16, 16}, {16, 50, 70}, {40, 33, 130}, {0, 5, 5}, {3, 7, 0}, {4, 64, 96}};
   for (const auto& s : shapes) {
     for (bool with_ids : {true, false}) {
       const double k = static_cast<double>(s[2]) + 1;
@@ -171,6 +220,7 @@ int main() {
     }
   }
   bad_inputs();
+  prepared_ids();
   // conversions round to nearest even and keep specials
   EXPECT(lcdd::to_float(lcdd::to_half(1.0f + 1.0f / 2048)) == 1.0f);  // tie -> even
   EXPECT(lcdd::to_float(lcdd::to_half(65504.0f)) == 65504.0f);

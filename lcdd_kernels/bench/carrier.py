@@ -8,15 +8,26 @@ batch; tokens split into m contiguous blocks, one carrier each; m = 0 is "no car
 * ``merged``: dense ``W_eff = B + carrier``, one copy per carrier, each block of tokens through its
   own copy (the "model per behaviour" way; for m = 1 simply the merged weight);
 * ``naive``: ``F.linear(x, B)`` then ``index_select`` + ``mm`` + ``index_add_`` per carrier;
+* ``checked``: the one-off functional ops with every per-call check: :func:`lcdd_kernels.carrier_linear`
+  for m = 1, :func:`lcdd_kernels.bank_linear` (``check_ids=True``) otherwise;
 * ``lcdd``: :func:`lcdd_kernels.bank_linear` on a :class:`~lcdd_kernels.CarrierBank` (ids checked
   once, as a served model does; auto backend: CUDA for T ≤ 16, Triton above on a GPU, C++ on CPU);
+* ``plan``: the prepared path, ``bank.plan(path, shape)(x, B, None, ids)``
+  (:class:`~lcdd_kernels.ops.carrier_plan.CarrierPlan`: indices checked when the carrier entered
+  the bank; on the CPU one native call per projection);
 * ``lcdd-compiled`` (opt-in with ``--providers``): the same call under ``torch.compile(fullgraph=True)``
   (x and the ids as graph inputs); its rows add ``compile_s``, the first call's time. Not in the
   generate group.
 
 Every row carries ``floor_bytes`` (base weight, x, y, and each used carrier's delta and indices:
-what the op must move at least), the achieved bandwidth ``gbps`` = floor_bytes / time, and
-``of_peak`` = gbps / the device's copy bandwidth measured at the start of the run.
+what the op must move at least), the achieved bandwidth ``gbps`` = floor_bytes / time,
+``of_peak`` = gbps / the device's copy bandwidth measured at the start of the run
+(:mod:`lcdd_kernels.bench.bandwidth`), ``floor_ms`` = floor_bytes at that bandwidth, and
+``x_floor`` = time / floor_ms (1.0 would be the memory limit).
+
+Group ``overhead`` (CPU): N = K = 64, T = 1, one carrier, where the arithmetic is negligible: each
+provider's ``host_overhead_us`` = its CPU time per call minus ``F.linear``'s (minimum over the
+alternating repeats), the per-call host cost the provider adds.
 
 Timing: on a GPU, ``do_bench`` medians. On a CPU (often shared), after a short wall-time pass the
 providers of each group run again in alternation and the process's CPU time per call (minimum
@@ -37,20 +48,23 @@ import torch.nn.functional as F
 from . import common
 
 SUITE = "carrier"
-PROVIDERS = ("base", "merged", "naive", "lcdd", "lcdd-compiled")
-DEFAULT_PROVIDERS = ("base", "merged", "naive", "lcdd")
+PROVIDERS = ("base", "merged", "naive", "checked", "lcdd", "plan", "lcdd-compiled")
+DEFAULT_PROVIDERS = ("base", "merged", "naive", "checked", "lcdd", "plan")
+#: providers the generate group runs (``plan`` there is the bank-served model, whose projections
+#: call the prepared path; ``lcdd`` is the same model)
+GEN_PROVIDERS = ("base", "merged", "naive", "lcdd", "plan")
 BASELINE = "base"
 PREPARE = "lcdd_kernels.bench.carrier:prepare"
 PREFILL_T = (512, 2048, 8192)
 DECODE_T = (1, 4, 16, 64)
 
 #: (device type, quick) -> (models, projections (None: all), token counts, sparsities, mixes,
-#: generate model). The GPU quick plan fits the ~45 s hook of benchmarks/gpu_check.sh.
+#: generate model). The GPU quick plan is the CPU one's table (T = 1, 16, 512; no carrier, one, 4 mixed)
+#: on two projections, to fit the ~45 s hook of benchmarks/gpu_check.sh.
 PLANS = {
     ("cpu", True): (("qwen3-0.6b",), None, (1, 16, 512), (0.8,), (0, 1, 4), "tiny"),
     ("cpu", False): (("qwen3-0.6b",), None, DECODE_T + (512, 2048), (0.7, 0.8, 0.85), (0, 1, 4, 16), "tiny"),
-    ("cuda", True): (("qwen3-0.6b", "llama-3-8b"), ("o_proj", "up_proj"), (1, 16, 2048), (0.8,),
-                     (0, 1, 16), "tiny"),
+    ("cuda", True): (("qwen3-0.6b",), ("o_proj", "up_proj"), (1, 16, 512), (0.8,), (0, 1, 4), "tiny"),
     ("cuda", False): (("qwen3-0.6b", "llama-3-8b"), None, DECODE_T + PREFILL_T, (0.7, 0.8, 0.85), (0, 1, 4, 16),
                       "qwen3-0.6b"),
 }
@@ -77,7 +91,7 @@ def token_ids(t: int, mix: int) -> torch.Tensor:
 def setup_linear(case: dict, provider: str, device: str, dtype: str, backend: str | None = None,
                  seed: int = 0) -> common.Prepared:
     """x (T, K), base B (N, K), max(m, 1) carriers at sparsity s, ids per token."""
-    from ..ops.carrier import _select, bank_linear
+    from ..ops.carrier import _select, bank_linear, carrier_linear
 
     if provider not in PROVIDERS:
         raise ValueError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
@@ -135,6 +149,17 @@ def setup_linear(case: dict, provider: str, device: str, dtype: str, backend: st
     dev_ids = ids.to(device)
     info["backend"] = _select("bank_linear", x, t, backend)
     state = [x, base, dev_ids, *[a for c in carriers for a in c]]
+    if provider == "checked":
+        if mix == 1:
+            delta, rows, cols = carriers[0]
+            return common.Prepared(lambda: carrier_linear(x, base, delta, rows, cols, backend=backend), [], state,
+                                   wbytes, info)
+        return common.Prepared(lambda: bank_linear(x, base, bank, "proj", dev_ids, backend=backend), [], state,
+                               wbytes, info)
+    if provider == "plan":
+        plan = bank.plan("proj", (n, k))
+        info["backend"] = "prepared"
+        return common.Prepared(lambda: plan(x, base, None, dev_ids), [], state, wbytes, info)
     if provider == "lcdd-compiled":
         import time
 
@@ -213,7 +238,7 @@ def setup_generate(case: dict, provider: str, device: str, dtype: str, backend: 
         merge_carrier_(model, carriers[0])
     elif provider == "naive":
         apply_carrier(model, carriers[0])
-    elif provider == "lcdd":
+    elif provider in ("lcdd", "plan"):
         bank = apply_carrier_bank(model, carriers)
         info["bank_mib"] = bank.nbytes() / common.MIB
 
@@ -254,12 +279,10 @@ def cases(models, tokens, sparsities, mixes, projs=None) -> list[dict]:
 
 
 def copy_bandwidth(device: str, budget_s: float) -> float:
-    """GB/s of a large device-to-device copy (read + write), the roofline's bandwidth."""
-    n = (1 << 30) if torch.device(device).type == "cuda" else (1 << 28)
-    a = torch.empty(n, dtype=torch.uint8, device=device).fill_(1)
-    b = torch.empty_like(a)
-    ms = common.time_call(lambda: b.copy_(a), device, budget_s=budget_s)["ms_median"]
-    return 2 * n / (ms * 1e-3) / 1e9
+    """GB/s of a large same-device copy (read + write): :func:`lcdd_kernels.bench.bandwidth.copy_bandwidth`."""
+    from .bandwidth import copy_bandwidth as measure
+
+    return measure(device, budget_s)
 
 
 def retime_cpu(rows: list[dict], todo: list[dict], providers, device: str, dtype: torch.dtype, options: dict,
@@ -286,12 +309,16 @@ def retime_cpu(rows: list[dict], todo: list[dict], providers, device: str, dtype
 
 
 def add_bandwidth(rows: list[dict], peak_gbps: float) -> None:
+    from .bandwidth import floor_ms
+
     for r in rows:
         r["peak_copy_gbps"] = peak_gbps
         ms = common.call_ms(r)
         if r.get("floor_bytes") and ms:
             r["gbps"] = r["floor_bytes"] / (ms * 1e-3) / 1e9
             r["of_peak"] = r["gbps"] / peak_gbps
+            r["floor_ms"] = floor_ms(r["floor_bytes"], peak_gbps)
+            r["x_floor"] = ms / r["floor_ms"]
         if r.get("new_tokens") and ms:
             r["tokens_per_s"] = r["new_tokens"] / (ms * 1e-3)
 
@@ -302,7 +329,9 @@ COLUMNS = [
     ("median ms", lambda r: common._f(r.get("ms_median"), "{:.4f}")),
     ("cpu ms", lambda r: common._f(r.get("cpu_ms_min"), "{:.4f}")),
     ("x base", lambda r: common._f(_ratio_row(r), "{:.3f}")),
+    ("x floor", lambda r: common._f(r.get("x_floor"), "{:.2f}")),
     ("GB/s", lambda r: common._f(r.get("gbps"), "{:.1f}")),
+    ("host us", lambda r: common._f(r.get("host_overhead_us"), "{:+.1f}")),
     ("of peak", lambda r: common._f(r.get("of_peak"), "{:.0%}")),
     ("tokens/s", lambda r: common._f(r.get("tokens_per_s"), "{:.0f}")),
     ("+W copies", lambda r: common._f(r.get("extra_weight_copies"), "{:+.2f}")),
@@ -313,11 +342,11 @@ COLUMNS = [
 # ---------------------------------------------------------------------------------- targets
 
 
-def _is(phase, mixes, providers=("base", "lcdd")):
+def _is(phase, mixes, providers=("base", "plan")):
     def applies(g: dict) -> bool:
         r = next(iter(g.values()))
         return r.get("op") == "linear" and r["phase"] == phase and r["mix"] in mixes and all(
-            p in g and g[p].get("ms_median") for p in providers)
+            p in g and common.call_ms(g[p]) for p in providers)
     return applies
 
 
@@ -325,25 +354,31 @@ def _ratio_row(r: dict) -> float | None:
     return r.get("cost_vs_baseline") or r.get("time_vs_baseline")
 
 
-def _ratio(g):
-    return _ratio_row(g["lcdd"])
+def _ratio(g, provider="plan"):
+    return _ratio_row(g[provider])
 
 
-#: The GPU targets, stated for bf16; checked on whatever ran and
-#: printed as pass / miss, never asserted. Where the limit depends on f, the value is rescaled.
+def _gen(g: dict) -> bool:
+    r = next(iter(g.values()))
+    return r.get("op") == "generate" and all(p in g and common.call_ms(g[p]) for p in ("base", "plan"))
+
+
+#: The prepared path's targets: a carrier costs its own bytes over the base and nothing more
+#: (f = (1 − s)² of the weight per carrier), checked on whatever ran and printed as pass / miss,
+#: never asserted.
 TARGETS = [
-    common.Target("decode-one", "decode, one carrier: lcdd/base − f <= 1.02 (i.e. lcdd <= (1 + f + 0.02)·base)",
-                  _is("decode", (1,)), lambda g: _ratio(g) - g["lcdd"]["f"], 1.02),
-    common.Target("decode-none", "decode, no carrier (ids all −1): lcdd/base <= 1.01",
-                  _is("decode", (0,)), _ratio, 1.01),
-    common.Target("decode-mixed-roofline", "decode, 4 or 16 carriers: lcdd bandwidth >= 80% of the copy "
-                  "bandwidth over base + each used carrier's bytes", _is("decode", (4, 16)),
-                  lambda g: g["lcdd"].get("of_peak"), 0.80, ">="),
-    common.Target("decode-mixed-vs-naive", "decode, 4 or 16 carriers: naive time / lcdd time >= 2",
-                  _is("decode", (4, 16), ("naive", "lcdd")),
-                  lambda g: common.call_ms(g["naive"]) / common.call_ms(g["lcdd"]), 2.0, ">="),
-    common.Target("prefill", "prefill: (lcdd/base − 1)/f <= 1.25 (i.e. lcdd <= (1 + 1.25 f)·base)",
-                  _is("prefill", (1, 4, 16)), lambda g: (_ratio(g) - 1) / g["lcdd"]["f"], 1.25),
+    common.Target("decode-none", "decode, no carrier used (ids all −1): plan/base <= 1.02",
+                  _is("decode", (0,)), _ratio, 1.02),
+    common.Target("decode-one", "decode, one carrier: plan/base − f <= 1.03 (plan <= (1 + f + 0.03)·base)",
+                  _is("decode", (1,)), lambda g: _ratio(g) - g["plan"]["f"], 1.03),
+    common.Target("decode-mixed", "decode, 4 carriers mixed: plan/base − 4f <= 1.05 (plan <= (1 + 4f + 0.05)·base)",
+                  _is("decode", (4,)), lambda g: _ratio(g) - 4 * g["plan"]["f"], 1.05),
+    common.Target("prefill", "prefill: plan/base <= 1.10", _is("prefill", (1, 4, 16)), _ratio, 1.10),
+    common.Target("vs-naive", "never slower than the naive provider: plan time / naive time <= 1",
+                  _is("decode", (1, 4, 16), ("naive", "plan")),
+                  lambda g: common.call_ms(g["plan"]) / common.call_ms(g["naive"]), 1.0),
+    common.Target("decode-step", "generate with a bank of 4 carriers, one per sequence: plan/base <= 1.10",
+                  _gen, _ratio, 1.10),
 ]
 
 
@@ -360,41 +395,67 @@ def add_arguments(p) -> None:
     p.add_argument("--providers", type=common.csv_of(str), default=DEFAULT_PROVIDERS, help=",".join(PROVIDERS))
     p.add_argument("--lcdd-backend", default=None, help="force the lcdd provider's backend (default: auto)")
     p.add_argument("--no-generate", action="store_true", help="skip the generate tokens/s group")
+    p.add_argument("--dtypes", type=common.csv_of(str), default=None,
+                   help="comma list of dtypes run one after the other into one table (overrides --dtype), "
+                        "e.g. float32,bfloat16")
+    p.add_argument("--no-overhead", action="store_true", help="skip the per-call host overhead group (CPU)")
+
+
+#: the host-overhead group: a projection so small that the arithmetic is negligible
+OVERHEAD_CASE = {"group": "overhead N=K=64 T=1 mix=1", "op": "linear", "model": "-", "proj": "-", "T": 1, "N": 64,
+                 "K": 64, "s": 0.8, "f": 0.04, "mix": 1, "phase": "overhead"}
+
+
+def _host_overhead(rows: list[dict]) -> None:
+    """``host_overhead_us`` of each overhead row: its CPU time per call minus the base's."""
+    group = [r for r in rows if r.get("phase") == "overhead" and r.get("cpu_ms_min") is not None]
+    for r in group:
+        base = next((b for b in group if b["provider"] == BASELINE and b["dtype"] == r["dtype"]), None)
+        if base is not None:
+            r["host_overhead_us"] = (r["cpu_ms_min"] - base["cpu_ms_min"]) * 1e3
 
 
 def run(args) -> int:
     device, dtype = common.resolve_device_dtype(args)
+    dtypes = [common.DTYPES[d] for d in args.dtypes] if args.dtypes else [dtype]
     bad = [v for v in args.providers if v not in PROVIDERS] + [m for m in args.models or () if m not in common.MODEL_DIMS]
+    bad += [d for d in args.dtypes or () if d not in common.DTYPES]
     if bad:
-        raise ValueError(f"unknown provider or model {', '.join(bad)}; providers {PROVIDERS}, models "
-                         f"{tuple(common.MODEL_DIMS)}")
+        raise ValueError(f"unknown provider, model or dtype {', '.join(bad)}; providers {PROVIDERS}, models "
+                         f"{tuple(common.MODEL_DIMS)}, dtypes {tuple(common.DTYPES)}")
     if BASELINE not in args.providers:
         raise ValueError(f"--providers must include the baseline {BASELINE!r} (ratios are taken against it)")
     results = common.open_results(args)
     models, projs, tokens, sparsities, mixes, gen_model = PLANS[(torch.device(device).type, bool(args.quick))]
     todo = cases(args.models or models, args.tokens or tokens, args.sparsity or sparsities, args.mixes or mixes,
                  None if args.models else projs)
-    peak = copy_bandwidth(device, args.budget)
-    print(f"lcdd bench {SUITE}: {len(todo)} shapes x {len(args.providers)} providers on "
-          f"{common.device_name(device)}, {dtype}; copy bandwidth {peak:.1f} GB/s")
-    options = {"backend": args.lcdd_backend}
     cpu = torch.device(device).type == "cpu"
+    if cpu and not args.no_overhead:
+        todo = [dict(OVERHEAD_CASE)] + todo
+    peak = copy_bandwidth(device, args.budget)
+    print(f"lcdd bench {SUITE}: {len(todo)} shapes x {len(args.providers)} providers x {len(dtypes)} dtypes on "
+          f"{common.device_name(device)}; copy bandwidth {peak:.1f} GB/s (the floor of every row)")
+    options = {"backend": args.lcdd_backend}
     # on a CPU the wall-time pass is short: the alternating CPU-time pass below gives the ratios
     wall_budget = min(args.budget, 0.05) if cpu else args.budget
-    rows = common.run_matrix(SUITE, PREPARE, todo, args.providers, ("forward",), device, dtype, BASELINE,
-                             options=options, budget_s=wall_budget, memory=not args.no_memory, results=results)
-    if not args.no_generate:
-        gen = [{"group": f"generate/{gen_model} B={GEN_BATCH} new={GEN_NEW}", "op": "generate", "model": gen_model,
-                "s": 0.8}]
-        gen_providers = [p for p in args.providers if not p.endswith("-compiled")]
-        if len(gen_providers) < len(args.providers):
-            print(f"generate group: {', '.join(p for p in args.providers if p not in gen_providers)} not run there "
-                  "(the compiled providers are per projection; --no-generate skips the group)")
-        rows += common.add_ratios(common.run_matrix(SUITE, PREPARE, gen, gen_providers, ("forward",), device, dtype,
-                                                    BASELINE, options=options, budget_s=wall_budget, memory=False),
-                                  BASELINE)
-        todo = todo + gen
-    if cpu:
-        retime_cpu(rows, todo, args.providers, device, dtype, options, args.budget)
+    gen_providers = [p for p in args.providers if p in GEN_PROVIDERS and p != "lcdd"]
+    if "lcdd" in args.providers and "plan" not in args.providers:
+        gen_providers.append("lcdd")  # the same bank-served model
+    gen = [{"group": f"generate/{gen_model} B={GEN_BATCH} new={GEN_NEW}", "op": "generate", "model": gen_model,
+            "s": 0.8}]
+    rows: list[dict] = []
+    for dt in dtypes:
+        part = common.run_matrix(SUITE, PREPARE, todo, args.providers, ("forward",), device, dt, BASELINE,
+                                 options=options, budget_s=wall_budget, memory=not args.no_memory, results=results)
+        timed = todo
+        if not args.no_generate:
+            part += common.add_ratios(common.run_matrix(SUITE, PREPARE, gen, gen_providers, ("forward",), device, dt,
+                                                        BASELINE, options=options, budget_s=wall_budget,
+                                                        memory=False), BASELINE)
+            timed = todo + gen
+        if cpu:
+            retime_cpu(part, timed, args.providers, device, dt, options, args.budget)
+        rows += part
+    _host_overhead(rows)
     add_bandwidth(rows, peak)
     return common.report(rows, TARGETS, results, args.plot, COLUMNS)

@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import _checks
-from ..ops.carrier import CarrierTable, _bank_linear, _Entry, route, row_slots
+from ..ops.carrier import CarrierTable, _Entry, route, row_slots
+from ..ops.carrier_plan import CarrierPlan
 from .bank_norm import BankNorm, norm_paths
 
 __all__ = ["CarrierBank", "BankLinear", "BankNorm", "apply_carrier_bank"]
@@ -103,6 +104,7 @@ class CarrierBank:
         self.shapes = dict(shapes) if shapes is not None else None
         self._slots: list[_Slot | None] = []
         self._tables: dict[tuple[str, tuple[int, int]], CarrierTable] = {}
+        self._plans: dict[tuple[str, tuple[int, int]], CarrierPlan] = {}  # one per table, built with it
         self._occupied: torch.Tensor | None = None
         self._route_cache: tuple | None = None
         self._active: _Active | None = None
@@ -269,6 +271,7 @@ class CarrierBank:
     def _changed(self) -> None:
         used = list(self._tables)
         self._tables.clear()
+        self._plans.clear()
         self._dense_tables.clear()
         self._dense_paths = frozenset(p for s in self._slots if s is not None and s.dense for p in s.dense)
         for path, shape in (self.dense_shapes or {}).items():
@@ -334,7 +337,20 @@ class CarrierBank:
             if self.device.type == "cuda":
                 table.mark_static()
             self._tables[key] = table
+            self._plans[key] = CarrierPlan.from_table(table, self.dtype)
         return table
+
+    def plan(self, module_name: str, shape: tuple[int, int]) -> CarrierPlan:
+        """The prepared form of ``module_name``'s carriers (a
+        :class:`~lcdd_kernels.ops.carrier_plan.CarrierPlan`, slot i = carrier id i), for calls
+        that pay no per-call check: ``bank.plan(path, weight.shape)(x, weight, bias, ids)``.
+        Every carrier was checked when it was added; the plan is rebuilt when the bank changes
+        (hold the bank, not the plan, across ``add`` / ``remove``)."""
+        plan = self._plans.get((module_name, tuple(shape)))
+        if plan is None:
+            self.table(module_name, self.device, self.dtype, shape)
+            plan = self._plans[(module_name, tuple(shape))]
+        return plan
 
     def check_ids(self, ids: torch.Tensor, op: str) -> None:
         """Every id is −1 or the id of a carrier in the bank (one reduction, one host sync)."""
@@ -420,10 +436,11 @@ class CarrierBank:
         ids = None if compiling else a.token_ids.get(key)
         if ids is None:
             s = a.seq_ids
+            # contiguous once here, not per projection
             if s.dim() == 0:
-                ids = s.expand(batch * per_seq)
+                ids = s.expand(batch * per_seq).contiguous()
             elif batch % s.numel() == 0:
-                ids = s[:, None].expand(s.numel(), batch // s.numel() * per_seq).reshape(-1)
+                ids = s[:, None].expand(s.numel(), batch // s.numel() * per_seq).reshape(-1).contiguous()
             else:
                 raise ValueError(f"bank.carriers got {s.numel()} carrier ids but the model runs a batch of "
                                  f"{batch} sequences; give one id per sequence")
@@ -461,11 +478,13 @@ class BankLinear(nn.Module):
         ids = self.bank.token_ids(x)
         if ids is None:
             return F.linear(x, self.weight, self.bias)
+        # the prepared path: the carriers were checked when added, the ids when the context opened
+        plan = self.bank.plan(self.path, self.weight.shape)
         if self.bias is not None and self.bank.has_dense(f"{self.path}.bias"):
             # a carrier brings its own bias: x·Bᵀ (+ carrier rows), then each token's bias row
-            y = _bank_linear(x, self.weight, None, self.bank, self.path, ids)
+            y = plan(x, self.weight, None, ids)
             return y + self.bank.dense_rows(f"{self.path}.bias", self.bias, ids).view(y.shape).to(y.dtype)
-        return _bank_linear(x, self.weight, self.bias, self.bank, self.path, ids)
+        return plan(x, self.weight, self.bias, ids)
 
 
 def _carrier_list(carriers, verify=None) -> list[tuple[str | None, object]]:

@@ -15,14 +15,18 @@ INDEX = {torch.int32: 0, torch.int64: 1}
 
 
 _threads = None
+_C = None
 
 
 def lib():
     """The extension, with its CPU thread count kept equal to PyTorch's (two OpenMP pools of
-    different sizes on the same cores would oversubscribe them)."""
-    global _threads
-    from .. import _C
+    different sizes on the same cores would oversubscribe them). Called per op: the module is
+    imported once (an import statement per call costs a microsecond)."""
+    global _threads, _C
+    if _C is None:
+        from .. import _C as module
 
+        _C = module
     n = torch.get_num_threads()
     if n != _threads:
         _C.set_num_threads(n)

@@ -1,7 +1,9 @@
 """Sparse carrier inference (SPEC §4): ``y = x·Bᵀ + b``, then ``y[..., rows] += x[..., cols]·Δᵀ``.
 
 Two public ops: :func:`carrier_linear` (one carrier on every token) and :func:`bank_linear` (a
-carrier per token, from a :class:`~lcdd_kernels.CarrierBank`, −1 for none). Both run on one
+carrier per token, from a :class:`~lcdd_kernels.CarrierBank`, −1 for none). Both check their
+arguments on every call (one-off use); the hot path is the prepared form,
+:class:`~lcdd_kernels.ops.carrier_plan.CarrierPlan` (checked once, then no per-call check). Both run on one
 internal form, :class:`CarrierTable`: the carriers of one projection as per-slot tensors plus an
 int64 (slots, 6) table of pointers and sizes laid out as the C API's ``lcdd_carrier_view``, so the
 Triton, CUDA and C++ kernels all read the same table and adding a carrier to a bank only rebuilds

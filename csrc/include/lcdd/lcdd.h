@@ -127,6 +127,32 @@ lcdd_status lcdd_carrier_add_cuda(const void* x, int64_t x_stride, void* y, int6
                                   const lcdd_carrier_view* carriers, int64_t n_carriers, const int32_t* ids,
                                   lcdd_stream stream);
 
+/* ---------------------------------------------------------------------------------------------
+ * Prepared carriers: validate once, run many
+ *
+ * lcdd_carrier_check_cpu checks a table of CPU views once (sizes, pointers, and every row and column
+ * sorted, unique and in range): LCDD_OK or LCDD_ERROR_INVALID_ARGUMENT. The _prepared_cpu entry
+ * points then compute exactly what lcdd_carrier_linear_cpu / lcdd_carrier_add_cpu compute, on
+ * views checked that way, without reading the indices to validate them on every call (that scan
+ * costs about as much as a decode step's carrier work): they check sizes and pointers only
+ * (O(n_carriers)), and an id outside [0, n_carriers) means "no carrier" for its token instead of
+ * an error. For serving loops that call the same carriers for every token of every step.
+ *
+ * lcdd_carrier_linear_prepared_cpu is the one native call per projection: the base GEMV/GEMM, the
+ * bias and each token's carrier rows in one pass over the base weight and each used delta, written
+ * once into y (no intermediate output), OpenMP over (token chunk, output row block) tasks.
+ * ------------------------------------------------------------------------------------------- */
+lcdd_status lcdd_carrier_check_cpu(const lcdd_carrier_view* carriers, int64_t n_carriers, int64_t out_features,
+                                   int64_t in_features);
+lcdd_status lcdd_carrier_linear_prepared_cpu(const void* x, int64_t x_stride, const void* base, const void* bias,
+                                             void* y, int64_t tokens, int64_t out_features, int64_t in_features,
+                                             lcdd_dtype dtype, const lcdd_carrier_view* carriers,
+                                             int64_t n_carriers, const int32_t* ids);
+lcdd_status lcdd_carrier_add_prepared_cpu(const void* x, int64_t x_stride, void* y, int64_t tokens,
+                                          int64_t out_features, int64_t in_features, lcdd_dtype dtype,
+                                          const lcdd_carrier_view* carriers, int64_t n_carriers,
+                                          const int32_t* ids);
+
 #ifdef __cplusplus
 } /* extern "C" */
 #endif

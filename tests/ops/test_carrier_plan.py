@@ -1,0 +1,195 @@
+"""CarrierPlan, the prepared carrier path: it refuses at preparation what the checked ops refuse per
+call, and computes what they compute (float64 references; fp32 and bf16; odd shapes; empty
+carriers; mixed slot ids with −1 and ids outside the plan)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lcdd_kernels as L
+from lcdd_kernels import _backend
+from lcdd_kernels.ops.carrier import bank_linear_ref
+from lcdd_kernels.ops.carrier_plan import FUSED_MAX_TOKENS, CarrierPlan
+
+from tests.helpers.compare import assert_close
+
+# (T, N, K): one token, a few (dot path), one token chunk, above the fp32 fused limit (GEMM + add),
+# odd and prime sizes
+SHAPES = [(1, 37, 29), (3, 16, 64), (16, 45, 33), (FUSED_MAX_TOKENS + 21, 70, 50)]
+
+
+def _carriers(n, k, seed=0):
+    """Sparse, empty rows, (slot 2: None), full, one index."""
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(m, p):
+        return torch.nonzero(torch.rand(m, generator=g) < p).flatten()
+
+    out = []
+    for rows, cols in ((pick(n, 0.3), pick(k, 0.4)), (torch.zeros(0, dtype=torch.long), pick(k, 0.5)),
+                       (torch.arange(n), torch.arange(k)), (torch.tensor([n - 1]), torch.tensor([0]))):
+        out.append((torch.randn(rows.numel(), cols.numel(), generator=g) / max(cols.numel(), 1) ** 0.5,
+                    rows.to(torch.int32), cols))
+    out.insert(2, None)
+    return out
+
+
+def _cast(carriers, dtype):
+    return [None if c is None else (c[0].to(dtype), c[1], c[2]) for c in carriers]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,n,k", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_plan_equals_checked_op(t, n, k, dtype, bias):
+    g = torch.Generator().manual_seed(t * 7 + n)
+    x64, w64 = torch.randn(t, k, generator=g, dtype=torch.float64), torch.randn(n, k, generator=g, dtype=torch.float64)
+    b64 = torch.randn(n, generator=g, dtype=torch.float64) if bias else None
+    c64 = _cast(_carriers(n, k), torch.float64)
+    # −1, every slot (empty ones included), and ids outside the plan (they mean −1 there)
+    ids = torch.tensor([(i % (len(c64) + 3)) - 1 for i in range(t)], dtype=torch.int32)
+    in_range = ids.masked_fill(ids >= len(c64), -1)
+    ref = bank_linear_ref(x64, w64, c64, in_range, b64)
+    x, w = x64.to(dtype), w64.to(dtype)
+    b = b64.to(dtype) if bias else None
+    plan = CarrierPlan(w, _cast(c64, dtype))
+    with torch.no_grad():
+        got = plan(x, w, b, ids)
+        got64 = plan(x, w, b, ids.long())  # int64 ids, converted per call
+    bank = L.CarrierBank("cpu", dtype)
+    for i, c in enumerate(_cast(c64, dtype)):
+        bank.add({"p": c if c is not None else (torch.zeros(0, 0, dtype=dtype), torch.zeros(0, dtype=torch.long),
+                                                torch.zeros(0, dtype=torch.long))})
+    checked = L.bank_linear(x, w, bank, "p", in_range, b)
+    assert_close(f"plan {dtype} T={t}", got, ref, lowp=checked)
+    assert torch.equal(got, got64)
+    assert_close(f"checked {dtype} T={t}", checked, ref, lowp=got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plan_without_ids_is_carrier_linear(dtype):
+    n, k = 33, 47
+    delta, rows, cols = _carriers(n, k, seed=3)[0]
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(2, 3, k, generator=g), torch.randn(n, k, generator=g)
+    x, w, delta = x.to(dtype), w.to(dtype), delta.to(dtype)
+    want = L.carrier_linear(x, w, delta, rows, cols)
+    got = CarrierPlan(w, [(delta, rows, cols), _cast(_carriers(n, k), dtype)[3]])(x, w)  # no ids: slot 0 on every token
+    ref = L.carrier_linear(x.double(), w.double(), delta.double(), rows, cols, backend="reference")
+    assert got.shape == (2, 3, n)
+    assert_close(f"plan slot 0 {dtype}", got, ref, lowp=want)
+
+
+def test_plan_empty_and_no_tokens():
+    w = torch.randn(6, 5)
+    plan = CarrierPlan(w, [])
+    x = torch.randn(4, 5)
+    assert torch.allclose(plan(x, w, None, torch.full((4,), -1, dtype=torch.int32)), x @ w.t(), atol=1e-5)
+    assert plan(torch.randn(0, 5), w, None, torch.zeros(0, dtype=torch.int32)).shape == (0, 6)
+    shaped = CarrierPlan((6, 5), [None], device="cpu", dtype=torch.float32)
+    assert torch.allclose(shaped(x, w), x @ w.t(), atol=1e-5)
+
+
+def test_plan_gradient_to_x_through_the_op():
+    n, k = 9, 7
+    c = _carriers(n, k)
+    w = torch.randn(n, k, dtype=torch.float64)
+    x = torch.randn(3, k, dtype=torch.float64, requires_grad=True)
+    ids = torch.tensor([0, -1, 3], dtype=torch.int32)
+    plan = CarrierPlan(w, _cast(c, torch.float64))
+    plan(x, w, None, ids).sum().backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    bank_linear_ref(x2, w, _cast(c, torch.float64), ids).sum().backward()
+    assert torch.allclose(x.grad, x2.grad, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------------ refusals
+
+N, K = 8, 6
+
+
+def _bad_cases():
+    d = torch.randn(2, 2)
+    r, c = torch.tensor([1, 4]), torch.tensor([0, 5])
+    return {
+        "unsorted rows": (d, torch.tensor([4, 1]), c),
+        "repeated cols": (d, r, torch.tensor([3, 3])),
+        "row out of range": (d, torch.tensor([1, N]), c),
+        "negative col": (d, r, torch.tensor([-1, 2])),
+        "float indices": (d, r.float(), c),
+        "2-D rows": (d, r[None], c),
+        "delta shape": (torch.randn(3, 2), r, c),
+        "integer delta": (d.long(), r, c),
+        "indices on another device": (d, r.to("meta"), c),
+    }
+
+
+@pytest.mark.parametrize("case", list(_bad_cases()))
+def test_plan_refuses_what_the_checked_op_refuses(case):
+    delta, rows, cols = _bad_cases()[case]
+    w, x = torch.randn(N, K), torch.randn(2, K)
+    with pytest.raises((ValueError, TypeError)) as checked:
+        L.carrier_linear(x, w, delta, rows, cols)
+    with pytest.raises(type(checked.value)):
+        CarrierPlan(w, [None, (delta, rows, cols)])
+
+
+def test_plan_call_refuses_mismatched_arguments():
+    w = torch.randn(N, K)
+    plan = CarrierPlan(w, [(torch.randn(1, 1), torch.tensor([2]), torch.tensor([3]))])
+    with pytest.raises(ValueError, match=r"\(\.\.\., 6\)"):
+        plan(torch.randn(2, K + 1), w)
+    with pytest.raises(ValueError, match="slot_ids must have shape"):
+        plan(torch.randn(2, K), w, None, torch.zeros(3, dtype=torch.int32))
+    with pytest.raises(TypeError, match="dtype="):
+        plan(torch.randn(2, K, dtype=torch.float64), w.double())
+    with pytest.raises(ValueError, match="contiguous"):
+        plan(torch.randn(2, K), torch.randn(K, N).t())
+    with pytest.raises(TypeError, match="slot_ids must be int32"):
+        plan(torch.randn(2, K), w, None, torch.zeros(2))
+    with pytest.raises(ValueError, match="device= and dtype="):
+        CarrierPlan((N, K), [])
+
+
+@pytest.mark.skipif(not _backend.native_available(), reason="needs lcdd_kernels._C")
+def test_plan_calls_no_tensor_reduction(monkeypatch):
+    """The per-call path reads no index: no reduction or host read of a tensor happens."""
+    w = torch.randn(N, K)
+    plan = CarrierPlan(w, [(torch.randn(2, 2), torch.tensor([1, 4]), torch.tensor([0, 5]))])
+    x, ids = torch.randn(3, K), torch.tensor([0, -1, 0], dtype=torch.int32)
+    want = plan(x, w, None, ids)
+    for name in ("any", "all", "item", "tolist", "min", "max", "cpu", "nonzero"):
+        def refuse(*a, _name=name, **kw):
+            raise AssertionError(f"Tensor.{_name} called per call")
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    with torch.no_grad():
+        got = plan(x, w, None, ids)
+    monkeypatch.undo()
+    assert torch.equal(got, want)
+
+
+def test_bank_model_uses_the_plan():
+    bank = L.CarrierBank("cpu", torch.float32, shapes={"p": (N, K)})
+    cid = bank.add({"p": (torch.randn(2, 2), torch.tensor([1, 4]), torch.tensor([0, 5]))})
+    plan = bank.plan("p", (N, K))
+    assert isinstance(plan, CarrierPlan) and len(plan) == 1 and bank.plan("p", (N, K)) is plan
+    bank.remove(cid)
+    assert bank.plan("p", (N, K)) is not plan  # rebuilt when the bank changes
+
+
+def test_plan_16bit_prefill_on_a_cpu_with_a_bf16_gemm(monkeypatch):
+    """Where the CPU has a native bf16 GEMM, 16-bit prefill runs it and then the carrier add."""
+    from lcdd_kernels.ops import carrier_plan
+
+    monkeypatch.setattr(carrier_plan, "_native_16bit_gemm", lambda: True)
+    t, n, k = FUSED_MAX_TOKENS + 5, 23, 31
+    g = torch.Generator().manual_seed(9)
+    x64, w64 = torch.randn(t, k, generator=g, dtype=torch.float64), torch.randn(n, k, generator=g, dtype=torch.float64)
+    c64 = _cast(_carriers(n, k), torch.float64)
+    ids = torch.tensor([(i % len(c64)) - 1 for i in range(t)], dtype=torch.int32)
+    plan = CarrierPlan(w64.bfloat16(), _cast(c64, torch.bfloat16))
+    assert plan._fused_max == FUSED_MAX_TOKENS
+    with torch.no_grad():
+        got = plan(x64.bfloat16(), w64.bfloat16(), None, ids)
+    assert_close("plan bf16 GEMM + add", got, bank_linear_ref(x64, w64, c64, ids))
