@@ -98,6 +98,9 @@ setup(
                  "peft>=0.17,<0.22"],
         "build": ["pybind11>=2.12", "cmake>=3.24", "ninja"],
     },
-    entry_points={"console_scripts": ["lcdd=lcdd_kernels.cli:main"]},
+    # vLLM loads general plugins in each of its processes: the carrier plugin (a no-op on
+    # unsupported vLLM versions; never imported by `import lcdd_kernels`)
+    entry_points={"console_scripts": ["lcdd=lcdd_kernels.cli:main"],
+                  "vllm.general_plugins": ["lcdd = lcdd_kernels.integrations.vllm:register"]},
     zip_safe=False,
 )
