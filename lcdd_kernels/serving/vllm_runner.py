@@ -6,9 +6,10 @@ vLLM; :mod:`lcdd_kernels.serving.vllm_env` writes the job and reads the results.
 
 Job: ``{"model", "dtype", "max_lora_rank", "max_model_len", "adapters": {name: dir}, "runs": [{"name",
 "max_loras", "batches": [{"name", "max_tokens", "logprobs", "requests": [{"prompt_token_ids",
-"adapter"}]}]}]}``. Each run starts one ``LLM`` (its own ``max_loras``); each batch is one
+"adapter"}], "expect_error"}]}]}``. Each run starts one ``LLM`` (its own ``max_loras``); each batch is one
 ``generate`` call with every request submitted at once. Results per batch: per request the
-generated token ids and their log-probs, and the batch's wall time (median of ``repeats`` after
+generated token ids and their log-probs (a batch with ``expect_error``: the error vLLM raised, or
+None), and the batch's wall time (median of ``repeats`` after
 ``warmup`` untimed calls); per run the engine's start time.
 vLLM's workers are spawned processes: everything runs under the ``__main__`` guard.
 """
@@ -41,6 +42,14 @@ def run(job: dict) -> dict:
             prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in b["requests"]]
             loras = [LoRARequest(r["adapter"], ids[r["adapter"]], adapters[r["adapter"]]) if r.get("adapter") else None
                      for r in b["requests"]]
+            if b.get("expect_error"):  # a request vLLM must refuse: its message, and the engine goes on
+                try:
+                    llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+                except Exception as e:  # noqa: BLE001 - the refusal's type is vLLM's
+                    batches.append({"name": b["name"], "error": f"{type(e).__name__}: {e}"})
+                else:
+                    batches.append({"name": b["name"], "error": None})
+                continue
             for _ in range(b.get("warmup", 0)):
                 llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
             walls = []
