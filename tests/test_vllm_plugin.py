@@ -96,3 +96,96 @@ def test_refusals_name_the_problem(served, tmp_path):
     c.save(dense)
     with pytest.raises(carrier_dir.CarrierRefused, match=r"dense parts \(model\.norm\.weight\).*non-projection base"):
         carrier_dir.load_for_model(dense, str(root / "model"), model.config)
+
+
+class _FakeLoRALayer:
+    """What :func:`slots.fuse` reads of a vLLM LoRA linear layer."""
+
+    def __init__(self, slices, k, tp_size=1):
+        self.output_slices, self.input_size, self.tp_size = tuple(slices), k, tp_size
+        self.device = torch.device("cpu")
+
+
+def _vllm_layers(dims, tp_size=1):
+    h, i = dims.hidden_size, dims.intermediate_size
+    q, kv = dims.num_heads * dims.head_dim, dims.num_kv_heads * dims.head_dim
+    out = {}
+    for layer in range(dims.num_layers):
+        p = f"model.layers.{layer}."
+        out[p + "self_attn.qkv_proj"] = _FakeLoRALayer((q, kv, kv), h, tp_size)
+        out[p + "self_attn.o_proj"] = _FakeLoRALayer((h,), q, tp_size)
+        out[p + "mlp.gate_up_proj"] = _FakeLoRALayer((i, i), h, tp_size)
+        out[p + "mlp.down_proj"] = _FakeLoRALayer((h,), i, tp_size)
+    return out
+
+
+PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+
+
+def test_fused_entries_are_the_carrier_exactly_at_its_bytes(served):
+    """Each fused entry applied to x equals its parts' carriers side by side, and the slot holds
+    the carrier's own bytes (no dense LoRA, nothing dropped)."""
+    from lcdd_kernels.integrations.vllm.slots import fuse
+    from lcdd_kernels.ops.carrier import carrier_linear_ref
+
+    _, _, carrier = served
+    layers = _vllm_layers(carrier.dims)
+    w = fuse(carrier, layers, PACKED, torch.float64, "test")
+    assert set(w.entries) == set(layers)
+    es, ms = list(w.entries.values()), list(carrier.modules.values())
+    assert sum(e.delta.numel() for e in es) == sum(m.delta.numel() for m in ms)  # every Δ entry, no more
+    assert sum(e.rows.numel() for e in es) == sum(m.rows.numel() for m in ms)
+    # in the carrier's dtype the slot holds at most the carrier's bytes (fused parts share their columns)
+    w32 = fuse(carrier, layers, PACKED, carrier.dtype, "test").nbytes()
+    assert sum(m.delta.numel() * m.delta.element_size() for m in ms) < w32 <= carrier.nbytes()["sparse"]
+    gen = torch.Generator().manual_seed(0)
+    for name, e in w.entries.items():
+        prefix, _, last = name.rpartition(".")
+        parts = PACKED.get(last, [last])
+        n, k = sum(layers[name].output_slices), layers[name].input_size
+        x = torch.randn(5, k, generator=gen, dtype=torch.float64)
+        zero = torch.zeros(n, k, dtype=torch.float64)
+        got = carrier_linear_ref(x, zero, e.delta, e.rows.long(), e.cols.long())
+        want = []
+        for p, size in zip(parts, layers[name].output_slices):
+            m = carrier.modules[f"{prefix}.{p}"]
+            want.append(carrier_linear_ref(x, torch.zeros(size, k, dtype=torch.float64), m.delta.double(),
+                                           m.rows.long(), m.cols.long()))
+        torch.testing.assert_close(got, torch.cat(want, dim=1), rtol=0, atol=1e-12)  # float64: GEMM blocking only
+
+
+def test_fuse_refuses_tensor_parallel_layers_and_missing_ones(served):
+    from lcdd_kernels.integrations.vllm.slots import fuse
+
+    _, _, carrier = served
+    with pytest.raises(ValueError, match="tensor_parallel_size=1 only"):
+        fuse(carrier, _vllm_layers(carrier.dims, tp_size=2), PACKED, torch.float32, "c")
+    layers = _vllm_layers(carrier.dims)
+    del layers["model.layers.1.mlp.down_proj"]
+    with pytest.raises(ValueError, match="no LoRA layer for 1 of the carrier's projections.*down_proj"):
+        fuse(carrier, layers, PACKED, torch.float32, "c")
+
+
+def test_add_carriers_matches_the_bank_reference_per_slot():
+    """The plugin's one kernel call: per token its slot's carrier, −1 and empty slots nothing."""
+    from lcdd_kernels.integrations.vllm.carrier_op import add_carriers_
+    from lcdd_kernels.ops.carrier import CarrierTable, bank_linear_ref
+
+    gen = torch.Generator().manual_seed(1)
+    n, k = 48, 40
+    items = []
+    for r, c in ((7, 9), (0, 0), (12, 3)):
+        rows = torch.randperm(n, generator=gen)[:r].sort().values
+        cols = torch.randperm(k, generator=gen)[:c].sort().values
+        items.append((torch.randn(r, c, generator=gen), rows, cols))
+    items.append(None)  # a slot holding a PEFT LoRA or nothing
+    table = CarrierTable(n, k, [None if it is None else CarrierTable.entry(*it, n, slots=False) for it in items],
+                         torch.device("cpu"))
+    x = torch.randn(11, k, generator=gen)
+    ids = torch.tensor([0, -1, 2, 3, 1, 0, -1, 2, 2, 3, 0], dtype=torch.int32)
+    base = torch.randn(n, k, generator=gen)
+    out = x @ base.t()
+    add_carriers_(out, x, table, ids)
+    want = bank_linear_ref(x, base, [None if it is None else (it[0], it[1].long(), it[2].long()) for it in items],
+                           ids.long())
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

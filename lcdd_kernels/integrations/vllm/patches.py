@@ -56,7 +56,9 @@ def _tp_refusal(parallel_config) -> str | None:
 
 # ----- front end ---------------------------------------------------------------------------
 
-_validated: dict = {}
+#: carrier directory -> the file versions validated (a changed file is validated again)
+_validated: dict[str, tuple] = {}
+_VALIDATED_MAX = 1024
 
 
 def _version_key(path: str):
@@ -71,13 +73,14 @@ def validate_request(lora_path: str, vllm_config) -> None:
     why = _tp_refusal(vllm_config.parallel_config)
     if why:
         raise carrier_dir.CarrierRefused(f"carrier {path}: {why}")
-    key = (path, _version_key(path))
-    if key in _validated:
+    version = _version_key(path)
+    if _validated.get(path) == version:
         return
     mc = vllm_config.model_config
     carrier_dir.load_for_model(path, mc.model, mc.hf_config)
-    _validated.clear()  # keep one version per directory, bounded
-    _validated[key] = True
+    if len(_validated) >= _VALIDATED_MAX:
+        _validated.pop(next(iter(_validated)))
+    _validated[path] = version
 
 
 def _make_validate_lora(orig):
