@@ -166,8 +166,14 @@ def test_fuse_refuses_tensor_parallel_layers_and_missing_ones(served):
         fuse(carrier, layers, PACKED, torch.float32, "c")
 
 
-def test_add_carriers_matches_the_bank_reference_per_slot():
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_add_carriers_matches_the_bank_reference_per_slot(backend):
     """The plugin's one kernel call: per token its slot's carrier, −1 and empty slots nothing."""
+    import lcdd_kernels as L
+    from lcdd_kernels import _backend
+
+    if backend == "cpp" and not _backend.native_available():
+        pytest.skip("lcdd_kernels._C is not built")
     from lcdd_kernels.integrations.vllm.carrier_op import add_carriers_
     from lcdd_kernels.ops.carrier import CarrierTable, bank_linear_ref
 
@@ -185,7 +191,8 @@ def test_add_carriers_matches_the_bank_reference_per_slot():
     ids = torch.tensor([0, -1, 2, 3, 1, 0, -1, 2, 2, 3, 0], dtype=torch.int32)
     base = torch.randn(n, k, generator=gen)
     out = x @ base.t()
-    add_carriers_(out, x, table, ids)
+    with L.use_backend(backend):
+        add_carriers_(out, x, table, ids)
     want = bank_linear_ref(x, base, [None if it is None else (it[0], it[1].long(), it[2].long()) for it in items],
                            ids.long())
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
