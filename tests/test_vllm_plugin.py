@@ -154,12 +154,17 @@ def test_fused_entries_are_the_carrier_exactly_at_its_bytes(served):
         torch.testing.assert_close(got, torch.cat(want, dim=1), rtol=0, atol=1e-12)  # float64: GEMM blocking only
 
 
-def test_fuse_refuses_tensor_parallel_layers_and_missing_ones(served):
+def test_fuse_refuses_tensor_parallel_sharded_and_missing_layers(served):
     from lcdd_kernels.integrations.vllm.slots import fuse
 
     _, _, carrier = served
     with pytest.raises(ValueError, match="tensor_parallel_size=1 only"):
         fuse(carrier, _vllm_layers(carrier.dims, tp_size=2), PACKED, torch.float32, "c")
+    layers = _vllm_layers(carrier.dims)
+    sharded = type("RowParallelLinearWithShardedLoRA", (_FakeLoRALayer,), {})
+    layers["model.layers.0.mlp.down_proj"].__class__ = sharded
+    with pytest.raises(ValueError, match="fully-sharded-loras"):
+        fuse(carrier, layers, PACKED, torch.float32, "c")
     layers = _vllm_layers(carrier.dims)
     del layers["model.layers.1.mlp.down_proj"]
     with pytest.raises(ValueError, match="no LoRA layer for 1 of the carrier's projections.*down_proj"):

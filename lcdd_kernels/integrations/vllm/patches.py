@@ -117,6 +117,12 @@ def _make_load_adapter(orig):
         why = _tp_refusal(self._lcdd_parallel_config)
         if why:
             raise carrier_dir.CarrierRefused(f"carrier {path}: {why}")
+        from vllm import envs
+
+        if envs.VLLM_LORA_ENABLE_DUAL_STREAM:
+            # that path runs LoRA on a second CUDA stream and never reaches the carrier hook
+            raise carrier_dir.CarrierRefused(f"carrier {path}: the lcdd vLLM plugin does not serve carriers with "
+                                             "VLLM_LORA_ENABLE_DUAL_STREAM=1; unset it")
         mc = self._lcdd_model_config
         carrier = carrier_dir.load_for_model(path, mc.model, mc.hf_config)
         manager = self._adapter_manager

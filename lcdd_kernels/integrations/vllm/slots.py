@@ -43,6 +43,10 @@ def fuse(carrier: Carrier, modules: dict, packed: dict[str, list[str]], dtype: t
         if getattr(module, "tp_size", 1) != 1:
             raise ValueError(f"{where}: {name} is split over {module.tp_size} tensor-parallel ranks; the lcdd vLLM "
                              "plugin serves carriers with tensor_parallel_size=1 only")
+        if "Sharded" in type(module).__name__:
+            # the fully sharded LoRA layers compute their own path and never reach the hook
+            raise ValueError(f"{where}: {name} is a {type(module).__name__} (--fully-sharded-loras); the lcdd vLLM "
+                             "plugin serves carriers without it")
         missing = [p for p in paths if p not in left]
         if missing:
             raise ValueError(f"{where}: the carrier has no {missing} but vLLM fuses them into {name}")
