@@ -14,7 +14,9 @@
   the slot's LoRA weights for a carrier (it has none), so the LoRA kernels add nothing there.
 - ``BaseLinearLayerWithLoRA._apply_lora_to_output`` (every projection): after vLLM's base GEMM
   and LoRA add, the tokens of carrier slots get their carrier (:func:`.carrier_op.add_carriers_`)
-  over the punica wrapper's ``token_lora_indices`` (−1: no adapter, the base).
+  over the punica wrapper's ``token_lora_indices`` (−1: no adapter, the base). While no active
+  slot holds a LoRA adapter (``_deactivate_adapter`` / ``remove_all_adapters`` keep that set),
+  vLLM's LoRA add is skipped: no token maps to LoRA weights then, so it would add nothing.
 """
 
 from __future__ import annotations
@@ -150,8 +152,14 @@ def _make_activate(orig):
         if placed:
             index = self.lora_index_to_id.index(lora_id)
             weights: CarrierSlotWeights | None = getattr(self._registered_adapters[lora_id], "lcdd", None)
+            # Slots whose active adapter has LoRA weights. While there is none, no token maps to
+            # LoRA weights (carrier slots are zeroed, free slots unused), so the projections skip
+            # vLLM's LoRA kernels. Flags are set here only: a deactivation leaves them on (safe).
+            live = _live_slots(self)
+            (live.discard if weights is not None else live.add)(index)
             for name, module in self.modules.items():
                 if hasattr(module, "output_slices") and hasattr(module, "lora_a_stacked"):
+                    module._lcdd_lora_live = bool(live)
                     entry = weights.entries.get(name) if weights is not None else None
                     if entry is not None or getattr(module, "_lcdd_table", None) is not None:
                         set_slot(module, index, self.lora_slots, entry)
@@ -159,12 +167,32 @@ def _make_activate(orig):
     return activate_adapter
 
 
+def _live_slots(manager) -> set:
+    return manager.__dict__.setdefault("_lcdd_lora_slots", set())
+
+
+def _make_deactivate(orig):
+    def _deactivate_adapter(self, lora_id):
+        if lora_id in self.lora_index_to_id:
+            _live_slots(self).discard(self.lora_index_to_id.index(lora_id))
+        return orig(self, lora_id)
+    return _deactivate_adapter
+
+
+def _make_remove_all(orig):
+    def remove_all_adapters(self):
+        _live_slots(self).clear()
+        return orig(self)
+    return remove_all_adapters
+
+
 # ----- worker: the projections --------------------------------------------------------------
 
 
 def _make_apply_lora(orig):
     def _apply_lora_to_output(self, x, output):
-        output = orig(self, x, output)
+        if getattr(self, "_lcdd_lora_live", True):
+            output = orig(self, x, output)
         table = getattr(self, "_lcdd_table", None)
         if table is None:
             return output
@@ -194,4 +222,6 @@ def install() -> None:
     _patch(WorkerLoRAManager, "_load_adapter", _make_load_adapter)
     _patch(LoRAModelManager, "_create_merged_loras_inplace", _make_merge)
     _patch(LoRAModelManager, "activate_adapter", _make_activate)
+    _patch(LoRAModelManager, "_deactivate_adapter", _make_deactivate)
+    _patch(LoRAModelManager, "remove_all_adapters", _make_remove_all)
     _patch(BaseLinearLayerWithLoRA, "_apply_lora_to_output", _make_apply_lora)
