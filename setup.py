@@ -28,14 +28,20 @@ class CMakeExtension(Extension):
 
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
+        target = Path(self.get_ext_fullpath(ext.name)).resolve()
         if os.environ.get("LCDD_SKIP_NATIVE") == "1":
             print("LCDD_SKIP_NATIVE=1: not building lcdd_kernels._C")
+            # An editable install into a second venv (the vLLM one: same torch and Python) reuses
+            # the extension already built in the source tree instead of building it again.
+            built = ROOT / "lcdd_kernels" / target.name
+            if built.exists() and built != target:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(built, target)
             return
         cmake = shutil.which("cmake")
         if cmake is None:
             raise RuntimeError("building lcdd_kernels._C needs cmake (pip install cmake), "
                                "or set LCDD_SKIP_NATIVE=1 to install without it")
-        target = Path(self.get_ext_fullpath(ext.name)).resolve()
         out = target.parent
         # An editable install builds into a temporary build-lib that setuptools copies back into
         # the source tree; CMake writes into the source package instead, so that a later
@@ -106,6 +112,9 @@ setup(
         "docs": ["mkdocs>=1.6.1,<1.7", "mkdocs-material>=9.6,<10", "mkdocstrings>=1.0,<2",
                  "mkdocstrings-python>=2.0,<3"],
     },
-    entry_points={"console_scripts": ["lcdd=lcdd_kernels.cli:main"]},
+    # vLLM loads general plugins in each of its processes: the carrier plugin (a no-op on
+    # unsupported vLLM versions; never imported by `import lcdd_kernels`)
+    entry_points={"console_scripts": ["lcdd=lcdd_kernels.cli:main"],
+                  "vllm.general_plugins": ["lcdd = lcdd_kernels.integrations.vllm:register"]},
     zip_safe=False,
 )

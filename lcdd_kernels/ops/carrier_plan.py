@@ -189,6 +189,51 @@ class CarrierPlan:
             return self._cpu_call(x, base_weight, bias, slot_ids, n, k)
         return self._op_call(x, base_weight, bias, slot_ids, n, k)
 
+    def add_(self, out: torch.Tensor, x: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
+        """``out[t, rows_c] += x[t, cols_c]·Δ_cᵀ`` with ``c = slot_ids[t]``: the carriers alone,
+        added in place, for an engine that computed the base projection itself (vLLM's CPU
+        build keeps the base weight only in a prepacked form, so ``__call__`` cannot run there).
+
+        Args:
+            out: (T, N) base output in the plan's dtype, updated in place.
+            x: (T, K) activations.
+            slot_ids: (T,) int32 slot per token; an id outside ``[0, len(plan))`` adds nothing.
+
+        Returns:
+            ``out``. No autograd: this is an inference path.
+        """
+        n, k = self.out_features, self.in_features
+        t = x.shape[0]
+        if out.dim() != 2 or x.dim() != 2 or out.shape != (t, n) or x.shape[1] != k or slot_ids.shape != (t,):
+            raise ValueError(f"CarrierPlan.add_: planned for a ({n}, {k}) projection; out must be (T, {n}), x "
+                             f"(T, {k}) and slot_ids (T,), got {tuple(out.shape)}, {tuple(x.shape)} and "
+                             f"{tuple(slot_ids.shape)}")
+        if out.dtype is not self.dtype or x.dtype is not self.dtype or slot_ids.dtype is not torch.int32:
+            raise TypeError(f"CarrierPlan.add_: out and x must be {self.dtype} and slot_ids int32, got "
+                            f"{out.dtype}, {x.dtype} and {slot_ids.dtype}")
+        if not (x.stride(-1) == 1 and (t < 2 or x.stride(0) >= k)):
+            x = x.contiguous()
+        if not slot_ids.is_contiguous():
+            slot_ids = slot_ids.contiguous()
+        if (self._cpu and x.is_cpu and out.is_contiguous() and slot_ids.is_cpu
+                and (getattr(_backend._state, "name", None) or _backend._global_override or self._env) in _NATIVE):
+            _native.lib().carrier_add_prepared_cpu(x.data_ptr(), x.stride(0), out.data_ptr(), t, n, k, self._code,
+                                                   self._views, self._slots, slot_ids.data_ptr())
+            return out
+        table = self.table
+        if (out.is_cuda and out.is_contiguous() and _backend.triton_available()
+                and _select("bank_linear", x, t, None) in ("cuda", "triton")):
+            from . import carrier_triton
+            from .carrier import route
+
+            tok, seg = route(ids_or_base(slot_ids, self._slots), len(table), t, x.device)
+            carrier_triton.carrier_add_(out, x, table.views, tok, seg, table.max_rows)
+            return out
+        from .carrier import _torch_add_
+
+        _torch_add_(out, x, table.deltas, table.rows, table.cols, ids_or_base(slot_ids, self._slots))
+        return out
+
     def _shapes(self, x, base_weight, bias, ids, t, n, k) -> None:
         if base_weight.shape != (n, k) or x.shape[-1] != k:
             raise ValueError(f"CarrierPlan: planned for a ({n}, {k}) projection, got base_weight "

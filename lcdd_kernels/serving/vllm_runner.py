@@ -6,9 +6,11 @@ vLLM; :mod:`lcdd_kernels.serving.vllm_env` writes the job and reads the results.
 
 Job: ``{"model", "dtype", "max_lora_rank", "max_model_len", "adapters": {name: dir}, "runs": [{"name",
 "max_loras", "batches": [{"name", "max_tokens", "logprobs", "requests": [{"prompt_token_ids",
-"adapter"}]}]}]}``. Each run starts one ``LLM`` (its own ``max_loras``); each batch is one
+"adapter"}], "expect_error"}]}]}``. Each run starts one ``LLM`` (its own ``max_loras``, and optionally
+its own ``max_lora_rank`` and ``enable_lora``); each batch is one
 ``generate`` call with every request submitted at once. Results per batch: per request the
-generated token ids and their log-probs, and the batch's wall time (median of ``repeats`` after
+generated token ids and their log-probs (a batch with ``expect_error``: the error vLLM raised, or
+None), and the batch's wall time (median of ``repeats`` after
 ``warmup`` untimed calls); per run the engine's start time.
 vLLM's workers are spawned processes: everything runs under the ``__main__`` guard.
 """
@@ -28,8 +30,9 @@ def run(job: dict) -> dict:
     out = {"vllm_version": __import__("vllm").__version__, "runs": []}
     for spec in job["runs"]:
         t0 = time.perf_counter()
+        lora = spec.get("enable_lora", bool(adapters))
         llm = LLM(model=job["model"], tokenizer=job["model"], dtype=job.get("dtype", "float32"),
-                  enable_lora=bool(adapters), max_lora_rank=job.get("max_lora_rank", 8),
+                  enable_lora=lora, max_lora_rank=spec.get("max_lora_rank", job.get("max_lora_rank", 8)),
                   max_loras=spec.get("max_loras", max(1, len(adapters))), max_model_len=job.get("max_model_len", 256),
                   enforce_eager=True, gpu_memory_utilization=0.1, seed=0,
                   max_num_seqs=job.get("max_num_seqs", 256))
@@ -41,6 +44,14 @@ def run(job: dict) -> dict:
             prompts = [{"prompt_token_ids": r["prompt_token_ids"]} for r in b["requests"]]
             loras = [LoRARequest(r["adapter"], ids[r["adapter"]], adapters[r["adapter"]]) if r.get("adapter") else None
                      for r in b["requests"]]
+            if b.get("expect_error"):  # a request vLLM must refuse: its message, and the engine goes on
+                try:
+                    llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
+                except Exception as e:  # noqa: BLE001 - the refusal's type is vLLM's
+                    batches.append({"name": b["name"], "error": f"{type(e).__name__}: {e}"})
+                else:
+                    batches.append({"name": b["name"], "error": None})
+                continue
             for _ in range(b.get("warmup", 0)):
                 llm.generate(prompts, params, lora_request=loras, use_tqdm=False)
             walls = []
