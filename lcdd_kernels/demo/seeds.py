@@ -36,7 +36,7 @@ def _per_stage(reports, key):
 
 def summarize(reports: list[dict], command: str | None = None, time_s: float | None = None) -> dict:
     """Mean and 95% t-interval of every per-stage score, KL, sparsity and time per behaviour, and the
-    ablation as paired comparisons across seeds (LCDD + eraser minus SFT + eraser)."""
+    ablation as paired comparisons across seeds (LCDD + eraser minus SFT + eraser) of every score."""
     by: dict[str, list[dict]] = {}
     for r in reports:
         by.setdefault(r["behaviour"], []).append(r)
@@ -55,7 +55,7 @@ def summarize(reports: list[dict], command: str | None = None, time_s: float | N
             "sparsity": mean_ci([r["carrier"]["sparsity"]["overall"] for r in rs]),
             "time_s": mean_ci([r["time_s"] for r in rs]),
             "ablation": {k: paired([r[k]["lcdd_eraser"] for r in rs], [r[k]["sft_eraser"] for r in rs])
-                         for k in ("behaviour_rate", "task_accuracy", "choice_accuracy")},
+                         for k in keys},
             "goals_met": [{
                 "seed": r["seed"],
                 "sft_rate": rate(r, "sft") >= GOALS["sft_rate_min"],
@@ -67,8 +67,8 @@ def summarize(reports: list[dict], command: str | None = None, time_s: float | N
     return out
 
 
-def _cell(c: dict, pct: bool = True) -> str:
-    f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.3f}")
+def _cell(c: dict, pct: bool = True, digits: int = 3) -> str:
+    f = (lambda x: f"{100 * x:.1f}") if pct else (lambda x: f"{x:.{digits}f}")
     if c["mean"] is None or (isinstance(c["mean"], float) and math.isnan(c["mean"])):
         return "n/a"
     if c["low"] is None:
@@ -93,7 +93,7 @@ def summary_markdown(summary: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(_cell(b["scores"][k][s]) for k in keys) + " |")
         lines += ["", "| KL | mean [95% CI] |", "|---|---:|"]
         lines += [f"| {k.replace('_vs_', ' ‖ ')} | {_cell(v, pct=False)} |" for k, v in b["kl"].items()]
-        lines += ["", f"Carrier sparsity {_cell(b['sparsity'])}%; time per run {_cell(b['time_s'], pct=False)} s.",
+        lines += ["", f"Carrier sparsity {_cell(b['sparsity'])}%; time per run {_cell(b['time_s'], pct=False, digits=0)} s.",
                   "", "| ablation (LCDD + eraser − SFT + eraser) | difference [95% CI] | p |", "|---|---:|---:|"]
         for k, p in b["ablation"].items():
             pv = "n/a" if p["p"] is None else f"{p['p']:.3g}"
