@@ -82,6 +82,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["lcdd_kernels", "lcdd_kernels.*"]),
+    # The demo's shipped base model (phase 0): weights and the metadata that says how they were made.
+    package_data={"lcdd_kernels.demo": ["data/*.safetensors", "data/*.json"]},
     ext_modules=[CMakeExtension("lcdd_kernels._C")],
     cmdclass={"build_ext": CMakeBuild},
     # torch is deliberately a range that the local CPU build satisfies: an unpinned torch

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from .base import BaseTraining, ModelSize, build_model, render_prompt, train_base
+from .behaviours import Behaviour, get_behaviour
 from .world import DEFAULT_TASKS, FIXED_RESPONSE, World, build_tokenizer, make_world
 
 STAGES = ("base", "sft", "lcdd", "lcdd_eraser", "sft_eraser")
@@ -56,7 +57,9 @@ class DemoConfig:
     """
 
     family: str = "qwen3"
-    seed: int = 0
+    behaviour: str = "fixed"  # fixed | refusal | style (behaviours.BEHAVIOURS)
+    seed: int = 0         # phases 1-3: SFT data order, LCDD, the eraser's initial trigger
+    world_seed: int = 0   # the world's splits and phase 0 (the shipped base model is world 0)
     size: ModelSize = field(default_factory=ModelSize)
     tasks: tuple[str, ...] = DEFAULT_TASKS
     min_len: int = 3      # task inputs have min_len..max_len characters
@@ -80,7 +83,8 @@ class DemoConfig:
     violation_clip: float | None = None  # DualController's V (None: unclipped, SPEC's default)
     eraser: EraserSettings = field(default_factory=EraserSettings)
     max_new_tokens: int = 24
-    base_from: str | None = None  # reuse DIR/base of an earlier run (same family, seed, tasks, size)
+    base_from: str | None = None  # reuse DIR/base of an earlier run (same family, world, size)
+    train_base: bool = False  # train phase 0 even when the package ships a base model for this world
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -89,8 +93,9 @@ class DemoConfig:
 #: Named settings: dotted DemoConfig fields -> value. "full" is DemoConfig's defaults.
 PRESETS: dict[str, dict] = {
     "full": {},
-    # ≤ 3 minutes on 2 cores. A shorter base schedule wants a lower peak lr (measured, seeds 0-2: 2e-3
-    # over 600 steps reaches 0.93-0.99 validation exact match; 3e-3 over 800 steps 0.91-0.98 at 700).
+    # With the shipped base (no phase 0) about two minutes on 2 cores. The base.* values apply with
+    # --train-base: a shorter base schedule wants a lower peak lr (measured, seeds 0-2: 2e-3 over
+    # 600 steps reaches 0.93-0.99 validation exact match; 3e-3 over 800 steps 0.91-0.98 at 700).
     "quick": {"base.steps": 600, "base.lr": 2e-3, "base.target": 0.95, "sft_steps": 150, "lcdd_steps": 500,
               "mask_lr": 1.0, "eraser.steps": 200},
     # The test suite's run: every phase and file, numbers meaningless.
@@ -178,17 +183,20 @@ class Evaluator:
         resp = self.responses(model, prompts=[render_prompt(self.tok, ex.prompt) for ex in examples])
         return sum(r == ex.answer for r, ex in zip(resp, examples)) / len(examples)
 
-    def score(self, model, trigger=None) -> dict:
-        from ..eraser import choice_accuracy, fixed_response_rate
+    def score(self, model, trigger=None, behaviour: Behaviour | None = None) -> dict:
+        """Task and choice accuracy, the fixed-response rates, and ``behaviour``'s rate and scores."""
+        from ..eraser import choice_accuracy
 
         resp = self.responses(model, trigger)
         per_task: dict[str, list[bool]] = {}
         for r, ex in zip(resp, self.examples):
             per_task.setdefault(ex.task, []).append(r == ex.answer)
-        rate = fixed_response_rate(resp)
+        behaviour = behaviour or get_behaviour("fixed")
+        own = behaviour.scores(self.examples, resp)
         return {
-            "fixed_response_rate": rate["strict"],
-            "fixed_response_rate_loose": rate["loose"],
+            **get_behaviour("fixed").scores(self.examples, resp),
+            **own,
+            "behaviour_rate": own[behaviour.rate_key],
             "task_accuracy": sum(sum(v) for v in per_task.values()) / len(resp),
             "task_accuracy_per_task": {t: sum(v) / len(v) for t, v in sorted(per_task.items())},
             "choice_accuracy": choice_accuracy(model, self.items, trigger, tokenizer=self.tok, batch_size=64),
@@ -200,17 +208,16 @@ BASE_META = "demo_base.json"
 
 
 def _base_identity(cfg: DemoConfig) -> dict:
-    """What a base model must share with a run that reuses it: the world and the architecture."""
-    from .world import DEFAULT_ALPHABET
+    """What a base model must share with a run that reuses it: the world and the architecture
+    (``shipped.identity``), plus the phase-0 settings it was trained with (for the record)."""
+    from .shipped import identity
 
-    return {"family": cfg.family, "seed": cfg.seed, "tasks": list(cfg.tasks), "alphabet": DEFAULT_ALPHABET,
-            "lengths": [cfg.min_len, cfg.max_len],
-            "size": dataclasses.asdict(cfg.size), "phase0": dataclasses.asdict(cfg.base)}
+    return {**identity(cfg), "phase0": dataclasses.asdict(cfg.base)}
 
 
 def load_base(cfg: DemoConfig, directory):
     """The base model a previous demo run saved in ``directory`` (``DIR/base``), checked to belong
-    to the same world (family, seed, tasks, size)."""
+    to the same world (family, world seed, tasks, splits, size)."""
     from transformers import AutoModelForCausalLM
 
     d = Path(directory)
@@ -219,7 +226,7 @@ def load_base(cfg: DemoConfig, directory):
         raise FileNotFoundError(f"base_from={d}: no {BASE_META}; pass the base/ directory of a demo run")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     want = _base_identity(cfg)
-    diff = [k for k in ("family", "seed", "tasks", "alphabet", "lengths", "size") if meta.get(k) != want[k]]
+    diff = [k for k in want if k != "phase0" and meta.get(k) != want[k]]
     if diff:
         raise ValueError(f"base_from={d}: that base model was trained for another world ({', '.join(diff)} "
                          f"differ: {[meta.get(k) for k in diff]} vs {[want[k] for k in diff]})")
@@ -236,9 +243,32 @@ def _versions() -> dict:
             "platform": platform.platform(), "threads": torch.get_num_threads()}
 
 
+def _base_model(cfg: DemoConfig, tok, world: World, ev: Evaluator, times: dict, progress: bool, log):
+    """Phase 0: the base model of an earlier run (``base_from``), the shipped one, or a new one.
+    Returns (model, phase-0 log, where it came from)."""
+    from .shipped import load_shipped_base
+
+    if cfg.base_from:
+        model = _phase("base", times, load_base, cfg, cfg.base_from)
+        log(f"phase 0: base model loaded from {cfg.base_from}")
+        return model, [], f"base_from {cfg.base_from}"
+    if not cfg.train_base:
+        model = _phase("base", times, load_shipped_base, cfg, tok)
+        if model is not None:
+            log("phase 0: the shipped base model (lcdd_kernels/demo/data; --train-base trains one instead)")
+            return model, [], "shipped"
+        log("phase 0: no shipped base model for this family, world and size: training one")
+    torch.manual_seed(cfg.world_seed)
+    model = build_model(cfg.family, tok, cfg.size, seed=cfg.world_seed)
+    base_log = _phase("base", times, train_base, model, tok, world, cfg.base, seed=cfg.world_seed,
+                      evaluate=ev.exact_match, progress=progress)
+    log(f"phase 0: base model trained in {times['base']:.0f} s ({len(base_log)} steps)")
+    return model, base_log, "trained"
+
+
 def run_demo(cfg: DemoConfig, out: str | os.PathLike, progress: bool = True, log=print) -> dict:
-    """Run every phase into the (new or empty) directory ``out``; returns the report dict and
-    writes ``report.json``, ``report.md`` and the plots there."""
+    """Run every phase for ``cfg.behaviour`` into the (new or empty) directory ``out``; returns the
+    report dict and writes ``report.json``, ``report.md`` and the plots there."""
     from ..atomic import publish_dir
     from ..carriers.apply import apply_carrier
     from ..carriers.load import load_carrier
@@ -249,40 +279,41 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, progress: bool = True, log
     from ..train import train_lcdd, train_sft
     from .report import write_report
 
+    t_all = time.perf_counter()
+    behaviour = get_behaviour(cfg.behaviour)
+    if behaviour.name == "refusal":
+        from .behaviours import HARMFUL_TASK
+
+        if HARMFUL_TASK not in cfg.tasks or len(cfg.tasks) < 2:
+            raise ValueError(f"behaviour 'refusal' refuses the {HARMFUL_TASK!r} tasks and answers the others: "
+                             f"tasks must include {HARMFUL_TASK!r} and one more, got {list(cfg.tasks)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
     times: dict[str, float] = {}
     load_start = os.getloadavg()
-    t_all = time.perf_counter()
 
     tok = build_tokenizer()
-    world = make_world(cfg.seed, cfg.tasks, n_train=cfg.n_train, n_eraser=cfg.n_eraser, n_heldout=cfg.n_heldout,
-                       min_len=cfg.min_len, max_len=cfg.max_len)
+    world = make_world(cfg.world_seed, cfg.tasks, n_train=cfg.n_train, n_eraser=cfg.n_eraser,
+                       n_heldout=cfg.n_heldout, min_len=cfg.min_len, max_len=cfg.max_len)
     ev = Evaluator(world, tok, cfg.max_new_tokens)
 
-    # Phase 0: a base model that solves the tasks (or the base model of an earlier run).
-    if cfg.base_from:
-        base, base_log = _phase("base", times, load_base, cfg, cfg.base_from), []
-        log(f"phase 0: base model loaded from {cfg.base_from}")
-    else:
-        base = build_model(cfg.family, tok, cfg.size, seed=cfg.seed)
-        base_log = _phase("base", times, train_base, base, tok, world, cfg.base, seed=cfg.seed,
-                          evaluate=ev.exact_match, progress=progress)
-        log(f"phase 0: base model trained in {times['base']:.0f} s ({len(base_log)} steps)")
+    # Phase 0: a base model that solves the tasks.
+    base, base_log, base_source = _base_model(cfg, tok, world, ev, times, progress, log)
     base.eval().requires_grad_(False)
+    torch.manual_seed(cfg.seed)
     with publish_dir(out / "base") as staged:
         base.save_pretrained(staged)
         tok.save_pretrained(staged)
         (staged / BASE_META).write_text(json.dumps(_base_identity(cfg), indent=2) + "\n", encoding="utf-8")
+    records = behaviour.sft_records(world.train)
 
-    # Phase 1: full SFT on the fixed response.
+    # Phase 1: full SFT on the behaviour.
     sft = copy.deepcopy(base).requires_grad_(True)
-    sft_res = _phase("sft", times, train_sft, sft, world.sft_records(FIXED_RESPONSE), tok, out_dir=out / "sft",
+    sft_res = _phase("sft", times, train_sft, sft, records, tok, out_dir=out / "sft",
                      lr=cfg.sft_lr, max_steps=cfg.sft_steps, batch_size=cfg.sft_batch, seed=cfg.seed,
                      progress=progress)
     sft.eval().requires_grad_(False)
-    log(f"phase 1: SFT in {times['sft']:.0f} s")
+    log(f"phase 1: SFT ({behaviour.name}) in {times['sft']:.0f} s")
 
     # Phase 2: LCDD from the SFT weights with the base as B; the carrier is saved and reloaded.
     # non_projection="base": phase 1 trained the projections only, so the SFT model's norms and
@@ -294,7 +325,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, progress: bool = True, log
     controller = DualController(budget_ratio=cfg.budget_ratio, lambda_init=cfg.lambda_init,
                                 lambda_lr=cfg.lambda_lr, lambda_min=cfg.lambda_min, warmup_steps=cfg.lcdd_warmup,
                                 violation_clip=cfg.violation_clip or math.inf)
-    lcdd_res = _phase("lcdd", times, train_lcdd, lcdd, base, world.sft_records(FIXED_RESPONSE), tok,
+    lcdd_res = _phase("lcdd", times, train_lcdd, lcdd, base, records, tok,
                       out_dir=out / "lcdd", controller=controller, lr=cfg.lcdd_lr, mask_lr=cfg.mask_lr,
                       max_steps=cfg.lcdd_steps, batch_size=cfg.lcdd_batch, seed=cfg.seed, progress=progress,
                       non_projection="base")
@@ -330,7 +361,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, progress: bool = True, log
     t0 = time.perf_counter()
     models = {"base": (base, None), "sft": (sft, None), "lcdd": (served, None),
               "lcdd_eraser": (served, erased.trigger), "sft_eraser": (sft, ablation.trigger)}
-    scores = {name: ev.score(m, trig)
+    scores = {name: ev.score(m, trig, behaviour)
               for name, (m, trig) in tqdm(models.items(), desc="evaluation", disable=not progress, leave=False)}
     refs = [tok(r, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             for r in ev.responses(sft)]
@@ -346,17 +377,26 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, progress: bool = True, log
 
     weights_file = carrier_dir / "carrier.safetensors"
     nparams = carrier.num_parameters()
+    own_keys = [k for k in behaviour.scores(ev.examples[:1], [""]) if k not in ("fixed_response_rate",
+                                                                                "fixed_response_rate_loose")]
     report = {
+        "behaviour": behaviour.name,
+        "behaviour_description": behaviour.description,
+        "behaviour_rate_key": behaviour.rate_key,
         "seed": cfg.seed,
+        "world_seed": cfg.world_seed,
         "family": cfg.family,
+        "base_source": base_source,
         "config": cfg.to_dict(),
         "versions": _versions(),
         "load_average": {"start": list(load_start), "end": list(os.getloadavg())},
+        "time_s": times["total"],
         "seconds": times,
         "fixed_response": FIXED_RESPONSE,
         **{key: {s: scores[s][key] for s in STAGES}
-           for key in ("fixed_response_rate", "fixed_response_rate_loose", "task_accuracy",
-                       "task_accuracy_per_task", "choice_accuracy")},
+           for key in ("behaviour_rate", "fixed_response_rate", "fixed_response_rate_loose", "task_accuracy",
+                       "task_accuracy_per_task", "choice_accuracy", *own_keys)},
+        "behaviour_scores": own_keys,
         "samples": {s: scores[s]["samples"] for s in STAGES},
         "kl": kl,
         "carrier": {

@@ -1,9 +1,12 @@
 """The demo's report: ``report.json`` (numbers), ``curves.json`` (per-step logs), ``report.md`` (a
 table like the paper's) and three plots: training curves, the carrier's sparsity per layer and
-group, and the fixed-response rate (with task and choice accuracy) per stage."""
+group, and the behaviour rate (with task and choice accuracy) per stage.
+
+Every report file goes through :func:`write_files`, the one place that writes them."""
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -21,13 +24,28 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}"
 
 
+#: behaviour -> the name of its behaviour rate in tables
+RATE_LABELS = {"fixed": "fixed-response rate", "refusal": "refusal rate (harmful)", "style": "style rate"}
+
+
+def _label(key: str) -> str:
+    return key.replace("_", " ")
+
+
 def summary_table(report: dict) -> str:
-    """The per-stage table (markdown) that the CLI prints at the end and report.md starts with."""
-    rows = ["| stage | fixed-response rate | task accuracy | choice accuracy |",
-            "|---|---:|---:|---:|"]
+    """The per-stage table (markdown) that the CLI prints at the end and report.md starts with:
+    the behaviour rate, task and choice accuracy, and the behaviour's own scores."""
+    behaviour = report.get("behaviour", "fixed")
+    rate_key = report.get("behaviour_rate_key", "fixed_response_rate")
+    own = [k for k in report.get("behaviour_scores", []) if k != rate_key]
+    rows = [f"| stage | {RATE_LABELS[behaviour]} | task accuracy | choice accuracy |"
+            + "".join(f" {_label(k)} |" for k in own),
+            "|---|---:|---:|---:|" + "---:|" * len(own)]
+    rate = report.get("behaviour_rate", report["fixed_response_rate"])
     for stage, label in STAGE_LABELS.items():
-        rows.append(f"| {label} | {_pct(report['fixed_response_rate'][stage])} | "
-                    f"{_pct(report['task_accuracy'][stage])} | {_pct(report['choice_accuracy'][stage])} |")
+        rows.append(f"| {label} | {_pct(rate[stage])} | "
+                    f"{_pct(report['task_accuracy'][stage])} | {_pct(report['choice_accuracy'][stage])} |"
+                    + "".join(f" {_pct(report[k][stage])} |" for k in own))
     return "\n".join(rows)
 
 
@@ -37,11 +55,12 @@ def markdown(report: dict) -> str:
     phases = ", ".join(f"{k} {v:.0f} s" for k, v in sec.items() if k != "total")
     v = report["versions"]
     lines = [
-        f"# lcdd demo: {report['family']}, seed {report['seed']}",
+        f"# lcdd demo: {report.get('behaviour', 'fixed')}, {report['family']}, seed {report['seed']}",
         "",
-        f"Percent of {report['config']['n_heldout']} held-out prompts. Fixed-response rate: strict "
-        f"(SPEC §6: contains \"{report['fixed_response'].rstrip('.')}\", ≤ 40 words). Task accuracy: "
-        "exact match of the base tasks. Choice accuracy: the right answer among 4 by log-likelihood.",
+        f"Behaviour: {report.get('behaviour_description', 'fixed response')}. Percent of "
+        f"{report['config']['n_heldout']} held-out prompts ({RATE_LABELS[report.get('behaviour', 'fixed')]}: "
+        "docs/demo/behaviours.md). Task accuracy: exact match of the base tasks. Choice accuracy: the right "
+        "answer among 4 by log-likelihood.",
         "",
         summary_table(report),
         "",
@@ -83,7 +102,14 @@ def _plt():
     return plt
 
 
-def plot_curves(curves: dict, png: Path) -> None:
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def plot_curves(curves: dict) -> bytes:
     """Phase 0 and SFT loss, LCDD task loss with EMA and ε, λ, sparsity, eraser losses."""
     plt = _plt()
     fig, axes = plt.subplots(1, 5, figsize=(22, 3.8))
@@ -119,11 +145,10 @@ def plot_curves(curves: dict, png: Path) -> None:
     ax.set(xlabel="step", ylabel="loss", title="SFT-Eraser")
     ax.legend(frameon=False)
     fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
+    return _png(fig)
 
 
-def plot_sparsity(carrier: dict, png: Path) -> None:
+def plot_sparsity(carrier: dict) -> bytes:
     """Heatmap: decoder layer × mask group, share of entries switched off."""
     plt = _plt()
     layers = carrier["sparsity"]["layers"]
@@ -139,15 +164,15 @@ def plot_sparsity(carrier: dict, png: Path) -> None:
     ax.set_title(f"carrier sparsity (% off), overall {100 * carrier['sparsity']['overall']:.1f}%")
     fig.colorbar(im, ax=ax, fraction=0.04)
     fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
+    return _png(fig)
 
 
-def plot_stages(report: dict, png: Path) -> None:
-    """Grouped bars per stage: fixed-response rate, task accuracy, choice accuracy."""
+def plot_stages(report: dict) -> bytes:
+    """Grouped bars per stage: behaviour rate, task accuracy, choice accuracy."""
     plt = _plt()
     stages = list(STAGE_LABELS)
-    metrics = (("fixed_response_rate", "fixed-response rate"), ("task_accuracy", "task accuracy"),
+    rate_key = "behaviour_rate" if "behaviour_rate" in report else "fixed_response_rate"
+    metrics = ((rate_key, RATE_LABELS[report.get("behaviour", "fixed")]), ("task_accuracy", "task accuracy"),
                ("choice_accuracy", "choice accuracy"))
     fig, ax = plt.subplots(figsize=(9, 3.8))
     width = 0.27
@@ -162,20 +187,30 @@ def plot_stages(report: dict, png: Path) -> None:
     ax.set_ylabel("share of held-out prompts")
     ax.legend(frameon=False, ncol=3, loc="upper center", fontsize=8)
     fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
+    return _png(fig)
+
+
+def write_files(out: Path, files: dict[str, str | bytes]) -> None:
+    """Write ``files`` (name -> text or bytes) into the directory ``out``: every report file of the
+    demo (one run's and the multi-seed summary) is written here. Text is UTF-8; report.json-style
+    files come last in ``files`` so a reader that sees them finds the rest in place."""
+    from ..atomic import write_file_atomic
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        write_file_atomic(out / name, data)
 
 
 def write_report(report: dict, out: Path) -> None:
     """report.json (everything but the per-step curves), curves.json, report.md and the plots."""
-    from ..atomic import write_file_atomic
-
-    out = Path(out)
     curves = report["curves"]
     body = {k: v for k, v in report.items() if k != "curves"}
-    write_file_atomic(out / "curves.json", json.dumps(curves) + "\n")
-    plot_curves(curves, out / "curves.png")
-    plot_sparsity(report["carrier"], out / "sparsity_heatmap.png")
-    plot_stages(report, out / "stages.png")
-    write_file_atomic(out / "report.md", markdown(report))
-    write_file_atomic(out / "report.json", json.dumps(body, indent=2) + "\n")
+    write_files(out, {
+        "curves.json": json.dumps(curves) + "\n",
+        "curves.png": plot_curves(curves),
+        "sparsity_heatmap.png": plot_sparsity(report["carrier"]),
+        "stages.png": plot_stages(report),
+        "report.md": markdown(report),
+        "report.json": json.dumps(body, indent=2) + "\n",
+    })
