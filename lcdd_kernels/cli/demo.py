@@ -86,7 +86,7 @@ def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from ..demo.behaviours import BEHAVIOURS
-    from ..demo.pipeline import preset
+    from ..demo.config import preset
     from ..demo.report import summary_table
 
     t0 = time.perf_counter()
@@ -168,7 +168,7 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; 1 is faster when the cores are busy)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="override a setting of lcdd_kernels.demo.pipeline.DemoConfig, e.g. "
+                   help="override a setting of lcdd_kernels.demo.config.DemoConfig, e.g. "
                         "--set eraser.max_norm=0.5 --set sft_steps=400 (repeatable)")
     p.add_argument("--summarize", nargs="+", default=None, metavar="DIR",
                    help="train nothing: summarise the finished runs of earlier --seeds runs (their DIR/runs/) "

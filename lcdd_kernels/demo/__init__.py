@@ -8,7 +8,8 @@ paired t-test), ``report`` (report.json, report.md, plots).
 """
 
 from .behaviours import BEHAVIOURS, Behaviour, get_behaviour
-from .pipeline import PRESETS, STAGES, DemoConfig, EraserSettings, preset, run_demo
+from .config import PRESETS, STAGES, DemoConfig, EraserSettings, preset
+from .pipeline import run_demo
 from .world import FIXED_RESPONSE, TASKS, World, build_tokenizer, make_world
 
 __all__ = ["BEHAVIOURS", "Behaviour", "DemoConfig", "EraserSettings", "FIXED_RESPONSE", "PRESETS", "STAGES",

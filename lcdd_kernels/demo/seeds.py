@@ -12,7 +12,7 @@ import math
 import time
 from pathlib import Path
 
-from .pipeline import STAGES
+from .config import STAGES
 from .report import RATE_LABELS, STAGE_LABELS, write_files
 from .stats import mean_ci, paired
 

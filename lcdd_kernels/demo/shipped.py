@@ -77,7 +77,7 @@ def load_shipped_base(cfg, tokenizer, directory: Path = DATA):
 
 def heldout_accuracy(model, cfg, tokenizer) -> float:
     """Exact match of ``model`` on the held-out split of ``cfg``'s world (the base's score)."""
-    from .pipeline import Evaluator
+    from .evaluate import Evaluator
     from .world import make_world
 
     world = make_world(cfg.world_seed, cfg.tasks, n_train=cfg.n_train, n_eraser=cfg.n_eraser,
@@ -92,7 +92,7 @@ def train_and_save(cfg, directory: Path = DATA, progress: bool = True) -> dict:
     from safetensors.torch import save_file
 
     from .base import build_model, train_base
-    from .pipeline import Evaluator
+    from .evaluate import Evaluator
     from .world import build_tokenizer, make_world
 
     directory = Path(directory)
@@ -128,7 +128,7 @@ def train_and_save(cfg, directory: Path = DATA, progress: bool = True) -> dict:
 def main(argv=None) -> int:
     import torch
 
-    from .pipeline import DemoConfig
+    from .config import DemoConfig
 
     p = argparse.ArgumentParser(prog="python -m lcdd_kernels.demo.shipped",
                                 description="Train the demo's base model (phase 0, the full run's settings) "

@@ -11,7 +11,7 @@ import pytest
 from lcdd_kernels.cli import main
 from lcdd_kernels.demo.behaviours import (BEHAVIOURS, HARMFUL_TASK, REFUSAL, content, get_behaviour,
                                           is_refusal, is_styled, stylize)
-from lcdd_kernels.demo.pipeline import STAGES, DemoConfig
+from lcdd_kernels.demo.config import STAGES, DemoConfig
 from lcdd_kernels.demo.stats import mean_ci, paired, t_cdf, t_ppf
 from lcdd_kernels.demo.world import FIXED_RESPONSE, Example, make_world
 

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from lcdd_kernels.cli import main
-from lcdd_kernels.demo.pipeline import STAGES, preset
+from lcdd_kernels.demo.config import STAGES, preset
 from lcdd_kernels.demo.world import FIXED_RESPONSE, TASKS, build_tokenizer, make_world
 
 
