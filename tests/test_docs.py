@@ -3,6 +3,7 @@ local checkpoints, a GPU or another program are ```py, ```bash or ```text instea
 documentation's examples cannot rot. Each block runs once, in a fresh directory."""
 
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,12 @@ def test_readme_links_resolve():
     targets = [t.split("#")[0] for t in re.findall(r"\]\(([^)\s]+)\)", text) if "://" not in t]
     missing = [t for t in targets if t and not (ROOT / t).exists()]
     assert targets and not missing, f"README.md links to missing files: {missing}"
+
+
+def test_cli_page_is_what_the_parser_prints():
+    from tests.helpers.cli_page import PAGE, RENDERED_WITH, render
+
+    if sys.version_info[:2] != RENDERED_WITH:
+        pytest.skip(f"the page is rendered with Python {RENDERED_WITH[0]}.{RENDERED_WITH[1]}'s argparse")
+    assert PAGE.read_text(encoding="utf-8") == render(), (
+        f"{PAGE.relative_to(ROOT)} differs from the lcdd parser's --help: run python -m tests.helpers.cli_page")

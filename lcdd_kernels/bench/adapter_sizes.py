@@ -39,6 +39,8 @@ def add_arguments(p) -> None:
     add_common_arguments(p)
     p.add_argument("--carrier", action="append", default=[], metavar="DIR",
                    help="also a real carrier directory (repeatable), e.g. demo-out/lcdd/carrier")
+    p.add_argument("--verify", default=None, metavar="PUBLIC.pem",
+                   help="refuse a --carrier that is not signed by this public key's private key (lcdd sign)")
 
 
 def _row(name: str, modules: list[tuple[int, int, int, int, torch.Tensor | None]], layers: int, elem: int,
@@ -76,11 +78,11 @@ def synthetic(model: str, sparsity: float, seed: int = 0) -> dict:
                 {"model": model, "sparsity": sparsity, "delta": "iid Gaussian (worst case for truncation)"})
 
 
-def real(directory: str) -> dict:
+def real(directory: str, verify: str | None = None) -> dict:
     from ..carriers.export import _module_shapes
     from ..carriers.load import load_carrier
 
-    c = load_carrier(directory)
+    c = load_carrier(directory, verify=verify)
     shapes = _module_shapes(c)
     mods = []
     for path, m in c.modules.items():
@@ -97,7 +99,7 @@ def run(args) -> int:
     st = stamp("cpu", torch.float32)
     rows = []
     for d in args.carrier:
-        rows.append(make_row(SUITE, st, {}, "sizes", "bytes", **real(d)))
+        rows.append(make_row(SUITE, st, {}, "sizes", "bytes", **real(d, getattr(args, "verify", None))))
         print(f"measured {d}", flush=True)
     for model in MODELS[:1] if args.quick else MODELS:
         for s in SPARSITIES:

@@ -183,3 +183,13 @@ def test_bank_requires_signatures_when_told(signed, keys, tmp_path):
     with pytest.raises(CarrierSignatureError, match="another key"):
         L.apply_carrier_bank(model, [d], verify=keys["other"][1])
     assert {n: type(m) for n, m in model.named_modules()} == before  # nothing patched
+
+
+def test_adapter_sizes_bench_verifies_when_told(signed, keys, tmp_path):
+    from lcdd_kernels.bench.adapter_sizes import real
+
+    d, carrier = signed
+    row = real(str(d), verify=keys["maker"][1])
+    assert row["model"] == carrier.family
+    with pytest.raises(CarrierSignatureError, match="another key|not made with|signature"):
+        real(str(d), verify=keys["other"][1])
