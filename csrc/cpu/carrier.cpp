@@ -278,7 +278,7 @@ void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t 
           for (int r = 0; r < nr; ++r) w[r] = delta + (j + r) * v.n_cols;
           rows_times_tokens(w, nr, x, xs, tok, nt, v.cols, v.n_cols, xgc, part);
           for (int r = 0; r < nr; ++r)
-            for (int k = 0; k < kTok; ++k) acc[v.rows[j + r] - n0][k] += part[r][k];
+            for (int k = 0; k < nt; ++k) acc[v.rows[j + r] - n0][k] += part[r][k];  // lanes past nt are unset
         }
       }
       for (int k = 0; k < nt; ++k)

@@ -364,16 +364,19 @@ def read_carrier(directory: str | os.PathLike, device: torch.device | str = "cpu
         raise FileNotFoundError(f"carrier directory {d} does not exist")
     # A writer publishing a new version (Carrier.save swaps whole directories) while this reads can
     # hand it files of two versions, or a verified version and then another; the directory's inode
-    # tells: read again when it changed.
+    # tells: read again when it changed. A file replaced or edited inside the directory between the
+    # signature check and the read keeps that inode, so a verified read also compares each file's
+    # inode, size and change time (which no unprivileged writer can set back).
     for attempt in range(_READ_TRIES):
         before = _dir_id(d)
+        files = _files_id(d) if check is not None else None
         try:
             carrier = _load_once(d, device, check)
         except (ValueError, OSError):
             if attempt + 1 < _READ_TRIES and _dir_id(d) != before:
                 continue
             raise
-        if check is None or _dir_id(d) == before:
+        if check is None or (_dir_id(d) == before and _files_id(d) == files):
             return carrier
     raise RuntimeError(f"{d} was replaced {_READ_TRIES} times while it was being verified and read; "
                        "load it when its writer is done")
@@ -388,6 +391,15 @@ def _dir_id(d: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def _files_id(d: Path) -> tuple:
+    try:
+        with os.scandir(d) as it:
+            return tuple(sorted((e.name, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns)
+                                for e in it for s in [e.stat(follow_symlinks=False)]))
+    except OSError:
+        return ()
 
 
 def _load_once(d: Path, device, check) -> Carrier:

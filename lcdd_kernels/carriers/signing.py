@@ -81,7 +81,7 @@ def sign_carrier(directory: str | os.PathLike, key: str | os.PathLike, password:
     (P-256, P-384 or P-521; ``password`` if the key is encrypted). The carrier is loaded and validated
     first (a damaged carrier is not signed). Writes ``directory/carrier.sig`` atomically (replacing
     an older signature) and returns its path. Offline: no certificate, no transparency log."""
-    from ..atomic import STAGING_MARK, _fsync_path, _sibling
+    from ..atomic import STAGING_MARK, _fsync_path, _sibling, clean_leftovers
     from .files import read_carrier
 
     ms = _model_signing()
@@ -89,6 +89,7 @@ def sign_carrier(directory: str | os.PathLike, key: str | os.PathLike, password:
     key = _key_file(key, "private key")
     read_carrier(d)
     # staged next to the directory, not in it: a leftover inside would count as an unsigned file
+    clean_leftovers(d.parent / f"{d.name}.sig")  # a signer killed before its rename left one
     tmp = _sibling(d.parent / f"{d.name}.sig", STAGING_MARK)
     try:
         try:

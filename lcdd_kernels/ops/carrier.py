@@ -123,8 +123,10 @@ class CarrierTable:
 
     @staticmethod
     def entry(delta, rows, cols, out_features: int, slots: bool) -> _Entry:
-        rows = rows.to(torch.int32).contiguous()
-        return _Entry(delta.contiguous(), rows, cols.to(torch.int32).contiguous(),
+        # the indices are copied (they are small): the prepared paths check them once and then
+        # index memory with them unchecked, so a caller's later edit must not reach the kernels
+        rows = rows.to(torch.int32, copy=True).contiguous()
+        return _Entry(delta.contiguous(), rows, cols.to(torch.int32, copy=True).contiguous(),
                       row_slots(rows, out_features) if slots else None)
 
     def __len__(self) -> int:

@@ -47,7 +47,7 @@ _NATIVE = (None, "auto", "cpp")
 #: float32 / float64 batches above this many tokens run PyTorch's GEMM then the native carrier
 #: add. 16-bit batches do too on CPUs with AVX-512 BF16 or AMX (oneDNN's native bf16 GEMM);
 #: elsewhere they always use the fused native call (PyTorch's bf16 / fp16 GEMM then converts per
-#: call and is slower than the library's fp32-accumulating one: 0.36-0.43x its time at T = 512
+#: call and is slower than the library's fp32-accumulating one: 0.38-0.39x its time at T = 512
 #: on an AVX2 CPU, benchmarks/results/carrier-cpu.json).
 FUSED_MAX_TOKENS = 16
 
@@ -184,7 +184,7 @@ class CarrierPlan:
         if (self._cpu and x.is_cpu and x.dtype is self.dtype and base_weight.dtype is self.dtype
                 and not (torch.is_grad_enabled() and (x.requires_grad or base_weight.requires_grad
                                                       or (bias is not None and bias.requires_grad)))
-                and not torch.compiler.is_compiling()
+                and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
                 and (getattr(_backend._state, "name", None) or _backend._global_override or self._env) in _NATIVE):
             return self._cpu_call(x, base_weight, bias, slot_ids, n, k)
         return self._op_call(x, base_weight, bias, slot_ids, n, k)
@@ -211,11 +211,14 @@ class CarrierPlan:
         if out.dtype is not self.dtype or x.dtype is not self.dtype or slot_ids.dtype is not torch.int32:
             raise TypeError(f"CarrierPlan.add_: out and x must be {self.dtype} and slot_ids int32, got "
                             f"{out.dtype}, {x.dtype} and {slot_ids.dtype}")
-        if not (x.stride(-1) == 1 and (t < 2 or x.stride(0) >= k)):
-            x = x.contiguous()
+        if not (x.stride(-1) == 1 and x.stride(0) >= k):  # rows K apart, even a single one
+            x = x.clone(memory_format=torch.contiguous_format)
         if not slot_ids.is_contiguous():
             slot_ids = slot_ids.contiguous()
-        if (self._cpu and x.is_cpu and out.is_contiguous() and slot_ids.is_cpu
+        if out.device != x.device or slot_ids.device != x.device:
+            raise ValueError(f"CarrierPlan.add_: out, x and slot_ids must be on one device, got {out.device}, "
+                             f"{x.device} and {slot_ids.device}")
+        if (self._cpu and x.is_cpu and out.is_contiguous()
                 and (getattr(_backend._state, "name", None) or _backend._global_override or self._env) in _NATIVE):
             _native.lib().carrier_add_prepared_cpu(x.data_ptr(), x.stride(0), out.data_ptr(), t, n, k, self._code,
                                                    self._views, self._slots, slot_ids.data_ptr())
@@ -256,7 +259,7 @@ class CarrierPlan:
             raise ValueError("CarrierPlan: base_weight and bias must be contiguous (the native call reads raw "
                              "rows); pass .contiguous() once, not per call")
         x2 = x if flat else x.reshape(t, k)
-        if not x2.is_contiguous() or (t > 1 and x2.stride(0) < k):  # an expanded x: rows must lie K apart
+        if not x2.is_contiguous() or x2.stride(0) < k:  # an expanded x (even one row): rows must lie K apart
             x2 = x2.clone(memory_format=torch.contiguous_format)
         ids_ptr = 0
         if ids is not None:

@@ -193,3 +193,28 @@ def test_adapter_sizes_bench_verifies_when_told(signed, keys, tmp_path):
     assert row["model"] == carrier.family
     with pytest.raises(CarrierSignatureError, match="another key|not made with|signature"):
         real(str(d), verify=keys["other"][1])
+
+
+def test_a_file_swapped_after_the_check_is_caught(signed, keys, tmp_path, monkeypatch):
+    """Between the signature check and the read, a consistent forgery replaces the weights and the
+    config inside the directory (its inode stays): the load must not return the forged delta."""
+    from safetensors.torch import load_file, save_file
+
+    import lcdd_kernels.carriers.load as load_mod
+
+    d = _copy(signed, tmp_path)
+    real_verify = load_mod.verify_carrier
+
+    def verify_then_swap(directory, public_key):
+        real_verify(directory, public_key)
+        tensors = load_file(str(d / WEIGHTS_NAME))
+        key = next(k for k in sorted(tensors) if k.endswith(".carrier_delta"))
+        tensors[key] = tensors[key] + 1.0
+        save_file(tensors, str(d / WEIGHTS_NAME), metadata={"format": "pt"})
+        cfg = json.loads((d / CONFIG_NAME).read_text())
+        cfg["tensor_sha256"][key] = tensor_sha256(tensors[key])
+        (d / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+
+    monkeypatch.setattr(load_mod, "verify_carrier", verify_then_swap)
+    with pytest.raises(CarrierSignatureError, match="content differs"):
+        L.load_carrier(d, verify=keys["maker"][1])

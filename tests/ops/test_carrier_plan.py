@@ -50,10 +50,16 @@ def test_plan_equals_checked_op(t, n, k, dtype, bias):
     # −1, every slot (empty ones included), and ids outside the plan (they mean −1 there)
     ids = torch.tensor([(i % (len(c64) + 3)) - 1 for i in range(t)], dtype=torch.int32)
     in_range = ids.masked_fill(ids >= len(c64), -1)
-    ref = bank_linear_ref(x64, w64, c64, in_range, b64)
     x, w = x64.to(dtype), w64.to(dtype)
     b = b64.to(dtype) if bias else None
-    plan = CarrierPlan(w, _cast(c64, dtype))
+    cd = _cast(c64, dtype)
+    # the reference on the inputs as the kernels see them (rounded once to dtype), and PyTorch's own
+    # run in dtype as the baseline of the bound: the checked op runs the same native code as the
+    # plan, so it cannot be the baseline (a bug the two share would widen the bound to cover it)
+    ref = bank_linear_ref(x.double(), w.double(), _cast(cd, torch.float64), in_range,
+                          None if b is None else b.double())
+    lowp = bank_linear_ref(x, w, cd, in_range, b)
+    plan = CarrierPlan(w, cd)
     with torch.no_grad():
         got = plan(x, w, b, ids)
         got64 = plan(x, w, b, ids.long())  # int64 ids, converted per call
@@ -62,9 +68,9 @@ def test_plan_equals_checked_op(t, n, k, dtype, bias):
         bank.add({"p": c if c is not None else (torch.zeros(0, 0, dtype=dtype), torch.zeros(0, dtype=torch.long),
                                                 torch.zeros(0, dtype=torch.long))})
     checked = L.bank_linear(x, w, bank, "p", in_range, b)
-    assert_close(f"plan {dtype} T={t}", got, ref, lowp=checked)
+    assert_close(f"plan {dtype} T={t}", got, ref, lowp=lowp)
     assert torch.equal(got, got64)
-    assert_close(f"checked {dtype} T={t}", checked, ref, lowp=got)
+    assert_close(f"checked {dtype} T={t}", checked, ref, lowp=lowp)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -74,7 +80,7 @@ def test_plan_without_ids_is_carrier_linear(dtype):
     g = torch.Generator().manual_seed(5)
     x, w = torch.randn(2, 3, k, generator=g), torch.randn(n, k, generator=g)
     x, w, delta = x.to(dtype), w.to(dtype), delta.to(dtype)
-    want = L.carrier_linear(x, w, delta, rows, cols)
+    want = L.carrier_linear(x, w, delta, rows, cols, backend="reference")
     got = CarrierPlan(w, [(delta, rows, cols), _cast(_carriers(n, k), dtype)[3]])(x, w)  # no ids: slot 0 on every token
     ref = L.carrier_linear(x.double(), w.double(), delta.double(), rows, cols, backend="reference")
     assert got.shape == (2, 3, n)
@@ -193,3 +199,64 @@ def test_plan_16bit_prefill_on_a_cpu_with_a_bf16_gemm(monkeypatch):
     with torch.no_grad():
         got = plan(x64.bfloat16(), w64.bfloat16(), None, ids)
     assert_close("plan bf16 GEMM + add", got, bank_linear_ref(x64, w64, c64, ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("t,n,k", SHAPES + [(5, 300, 260)])
+def test_add_is_the_carriers_alone(t, n, k, dtype):
+    """add_: what an engine that computed the base itself gets (vLLM's CPU build)."""
+    g = torch.Generator().manual_seed(t + 3 * n)
+    x = torch.randn(t, k, generator=g, dtype=torch.float64).to(dtype)
+    base = torch.randn(t, n, generator=g, dtype=torch.float64).to(dtype)
+    cd = _cast(_carriers(n, k, seed=t), dtype)
+    ids = torch.tensor([(i % (len(cd) + 3)) - 1 for i in range(t)], dtype=torch.int32)
+    in_range = ids.masked_fill(ids >= len(cd), -1)
+    zero = torch.zeros(n, k, dtype=torch.float64)
+    ref = base.double() + bank_linear_ref(x.double(), zero, _cast(cd, torch.float64), in_range)
+    lowp = base + bank_linear_ref(x, zero.to(dtype), cd, in_range)
+    out = base.clone()
+    assert CarrierPlan((n, k), cd, device="cpu", dtype=dtype).add_(out, x, ids) is out
+    assert_close(f"add_ {dtype} T={t}", out, ref, lowp=lowp)
+
+
+def test_add_refuses_what_it_cannot_do():
+    n, k = 12, 10
+    plan = CarrierPlan((n, k), _carriers(n, k), device="cpu", dtype=torch.float32)
+    out, x, ids = torch.zeros(3, n), torch.randn(3, k), torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="out must be"):
+        plan.add_(torch.zeros(3, n + 1), x, ids)
+    with pytest.raises(ValueError, match="slot_ids"):
+        plan.add_(out, x, ids[:2])
+    with pytest.raises(TypeError, match="int32"):
+        plan.add_(out, x, ids.long())
+    with pytest.raises(TypeError, match="float32"):
+        plan.add_(out.double(), x.double(), ids)
+
+
+def test_plan_keeps_its_own_indices():
+    """The plan checked the indices once: a caller's later edit of its tensors must not reach it."""
+    n, k = 16, 8
+    delta, rows, cols = torch.randn(2, 3), torch.tensor([1, 4], dtype=torch.int32), torch.tensor([0, 2, 5])
+    w, x = torch.randn(n, k), torch.randn(2, k)
+    ids = torch.tensor([0, -1], dtype=torch.int32)
+    plan = CarrierPlan(w, [(delta, rows, cols)])
+    with torch.no_grad():
+        before = plan(x, w, None, ids)
+        rows[1], cols[2] = 12, 7
+        assert torch.equal(plan(x, w, None, ids), before)
+
+
+def test_plan_takes_a_row_with_stride_zero():
+    """A (1, K) view with row stride 0 (an expand) is contiguous to torch, not to the kernel."""
+    n, k = 9, 7
+    w, row = torch.randn(n, k), torch.randn(k)
+    plan = CarrierPlan(w, _carriers(n, k))
+    ids = torch.tensor([0], dtype=torch.int32)
+    x = row.as_strided((1, k), (0, 1))
+    with torch.no_grad():
+        got = plan(x, w, None, ids)
+        out = torch.zeros(1, n)
+        plan.add_(out, x, ids)
+    want = bank_linear_ref(row[None].double(), w.double(), _cast(_carriers(n, k), torch.float64), ids)
+    assert_close("stride-0 row", got, want)
+    assert_close("stride-0 row add_", out, want - row[None].double() @ w.double().t())
