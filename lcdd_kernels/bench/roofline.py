@@ -81,7 +81,7 @@ def _carrier_costs(provider: str, case: dict, e: int = DTYPE_BYTES) -> tuple[int
     carrier_flops = 2 * t * rows * cols if used else 0  # every token through its own carrier
     if provider == "base":
         return base_flops, base_bytes
-    if provider == "lcdd":  # base GEMM + each used delta once
+    if provider in ("lcdd", "checked", "plan"):  # base GEMM + each used delta once (one code, two call paths)
         return base_flops + carrier_flops, base_bytes + carrier_bytes
     if provider == "merged":  # one dense copy per carrier in use
         return base_flops, base_bytes + max(used - 1, 0) * e * n * k
