@@ -77,7 +77,7 @@ class DemoConfig:
 #: Named settings: dotted DemoConfig fields -> value. "full" is DemoConfig's defaults.
 PRESETS: dict[str, dict] = {
     "full": {},
-    # With the shipped base (no phase 0) about two minutes on 2 cores. The base.* values apply with
+    # With the shipped base (no phase 0) 175 s on 2 idle cores (LCDD 94 s of it). The base.* values apply with
     # --train-base: a shorter base schedule wants a lower peak lr (measured, seeds 0-2: 2e-3 over
     # 600 steps reaches 0.93-0.99 validation exact match; 3e-3 over 800 steps 0.91-0.98 at 700).
     "quick": {"base.steps": 600, "base.lr": 2e-3, "base.target": 0.95, "sft_steps": 150, "lcdd_steps": 500,
