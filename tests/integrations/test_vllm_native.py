@@ -23,10 +23,8 @@ not be built.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import urllib.error
-from pathlib import Path
 
 import pytest
 import torch
@@ -36,15 +34,9 @@ from lcdd_kernels.demo.base import render_prompt
 from lcdd_kernels.serving import vllm_env
 from lcdd_kernels.serving.bank_generate import bank_greedy
 
-if not os.environ.get("LCDD_VLLM_PYTHON"):
-    pytest.skip("the vLLM check runs under `make test-vllm` (vLLM has a venv of its own); not part of "
-                "`make test`", allow_module_level=True)
-_stamp = os.environ.get("LCDD_VLLM_STAMP")
-if _stamp and not Path(_stamp).exists():
-    _log = Path(os.environ.get("LCDD_VLLM_LOG", ""))
-    _tail = _log.read_text(errors="replace")[-1500:] if _log.is_file() else "(no build log)"
-    pytest.skip(f"the vLLM venv could not be built (no {_stamp}); tail of {_log}:\n{_tail}",
-                allow_module_level=True)
+from tests.helpers.vllm_venv import require_vllm_venv
+
+require_vllm_venv()
 
 _probe = subprocess.run([str(vllm_env.vllm_python()), "-c", "import importlib.metadata as m; print('lcdd' in "
                          "{e.name for e in m.entry_points(group='vllm.general_plugins')})"],

@@ -11,8 +11,6 @@ vLLM lives in a venv of its own (benchmarks/build_vllm_venv.sh); this module run
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 
 import pytest
 
@@ -21,15 +19,9 @@ from lcdd_kernels.demo.base import render_prompt
 from lcdd_kernels.serving import vllm_env
 from lcdd_kernels.serving.bank_generate import bank_greedy
 
-if not os.environ.get("LCDD_VLLM_PYTHON"):
-    pytest.skip("the vLLM check runs under `make test-vllm` (vLLM has a venv of its own); not part of "
-                "`make test`", allow_module_level=True)
-_stamp = os.environ.get("LCDD_VLLM_STAMP")
-if _stamp and not Path(_stamp).exists():
-    _log = Path(os.environ.get("LCDD_VLLM_LOG", ""))
-    _tail = _log.read_text(errors="replace")[-1500:] if _log.is_file() else "(no build log)"
-    pytest.skip(f"the vLLM venv could not be built (no {_stamp}); tail of {_log}:\n{_tail}",
-                allow_module_level=True)
+from tests.helpers.vllm_venv import require_vllm_venv
+
+require_vllm_venv()
 
 MAX_NEW = 10
 #: log-probs: vLLM's CPU kernels and the package's torch path differ in summation order only
