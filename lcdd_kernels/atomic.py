@@ -258,6 +258,29 @@ def _publish_fallback(staged: Path, target: Path, conflict) -> None:
     _fsync_path(target.parent, directory=True)
 
 
+def overwrite_guard(target: str | os.PathLike, names: Iterable[str], what: str,
+                    overwrite: bool) -> Callable[[Path], str | None]:
+    """The refusal of a writer that must not replace an artifact unless told to: raises
+    FileExistsError now when ``target`` is a file or already holds one of ``names`` (and not
+    ``overwrite``), and returns the same check for :func:`publish_dir`'s ``conflict`` (run again at
+    publishing, against a writer that got there first)."""
+    d, names = Path(target), tuple(names)
+    if d.exists() and not d.is_dir():
+        raise FileExistsError(f"{d} exists and is not a directory")
+
+    def conflict(existing: Path) -> str | None:
+        found = [n for n in names if (existing / n).exists()]
+        if found and not overwrite:
+            return (f"{d} already holds a {what} ({', '.join(found)}); choose another "
+                    "directory or pass overwrite=True (CLI: --overwrite)")
+        return None
+
+    reason = conflict(d) if d.is_dir() else None
+    if reason:
+        raise FileExistsError(reason)
+    return conflict
+
+
 @contextmanager
 def publish_dir(target: str | os.PathLike, *, conflict: Callable[[Path], str | None] | None = None,
                 owned: Iterable[str] | None = None) -> Iterator[Path]:
@@ -310,8 +333,12 @@ def publish_dir(target: str | os.PathLike, *, conflict: Callable[[Path], str | N
 def write_file_atomic(path: str | os.PathLike, data: bytes | str, encoding: str = "utf-8") -> Path:
     """Replace the file ``path`` with ``data`` atomically and durably: a sibling is written and
     fsynced, renamed over ``path`` (``os.replace``), and the directory is fsynced. A reader sees the
-    old content or the new, never a torn file. Returns ``path``."""
+    old content or the new, never a torn file. A symlink is followed (the link stays, its target
+    is replaced, as :func:`publish_dir` does) and the old file's permission bits are kept.
+    Returns ``path``."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(path)
     tmp = _sibling(path, STAGING_MARK)
@@ -321,6 +348,8 @@ def write_file_atomic(path: str | os.PathLike, data: bytes | str, encoding: str 
             f.write(raw)
             f.flush()
             os.fsync(f.fileno())
+        if path.exists():
+            shutil.copymode(path, tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

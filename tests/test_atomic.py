@@ -265,3 +265,16 @@ def test_torn_last_log_line_is_dropped_on_resume(tmp_path):
     _train(out, resume=True)
     assert _run_state(out) == want
     assert torch.get_num_threads() == torch_threads
+
+
+def test_write_file_atomic_keeps_a_link_and_the_mode(tmp_path):
+    from lcdd_kernels.atomic import write_file_atomic
+
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    real.chmod(0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    write_file_atomic(link, "new")
+    assert link.is_symlink() and real.read_text() == "new"
+    assert real.stat().st_mode & 0o777 == 0o640

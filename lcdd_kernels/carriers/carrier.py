@@ -153,22 +153,10 @@ class Carrier:
         carrier is not."""
         from safetensors.torch import save_file
 
-        from ..atomic import publish_dir
+        from ..atomic import overwrite_guard, publish_dir
 
         d = Path(directory)
-        if d.exists() and not d.is_dir():
-            raise FileExistsError(f"{d} exists and is not a directory")
-
-        def conflict(existing: Path) -> str | None:
-            names = [n for n in (CONFIG_NAME, WEIGHTS_NAME, THETA_NAME) if (existing / n).exists()]
-            if names and not overwrite:
-                return (f"{d} already holds a carrier ({', '.join(names)}); choose another "
-                        "directory or pass overwrite=True (CLI: --overwrite)")
-            return None
-
-        reason = conflict(d) if d.is_dir() else None
-        if reason:
-            raise FileExistsError(reason)
+        conflict = overwrite_guard(d, (CONFIG_NAME, WEIGHTS_NAME, THETA_NAME), "carrier", overwrite)
         tensors = self.tensors()
         config = json.dumps(self.config(tensors), indent=2)
         # the old writer's temporary names are owned too: a leftover of theirs is not carried over

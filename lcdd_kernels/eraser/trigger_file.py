@@ -55,22 +55,10 @@ def save_trigger(directory: str | os.PathLike, result: EraserResult, model, over
 
     from .. import __version__
 
-    from ..atomic import publish_dir
+    from ..atomic import overwrite_guard, publish_dir
 
     d = Path(directory)
-    if d.exists() and not d.is_dir():
-        raise FileExistsError(f"{d} exists and is not a directory")
-
-    def conflict(existing: Path) -> str | None:
-        names = [n for n in (WEIGHTS_NAME, META_NAME) if (existing / n).exists()]
-        if names and not overwrite:
-            return (f"{d} already holds a trigger ({', '.join(names)}); choose another "
-                    "directory or pass overwrite=True (CLI: --overwrite)")
-        return None
-
-    reason = conflict(d) if d.is_dir() else None
-    if reason:
-        raise FileExistsError(reason)
+    conflict = overwrite_guard(d, (WEIGHTS_NAME, META_NAME), "trigger", overwrite)
     if result.trigger.shape[-1] != model.config.hidden_size:
         raise ValueError(f"save_trigger: the trigger has width {result.trigger.shape[-1]} but the model's "
                          f"hidden size is {model.config.hidden_size}; is this the model it was optimised for?")
