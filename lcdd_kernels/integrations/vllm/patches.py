@@ -129,6 +129,9 @@ def _make_load_adapter(orig):
         carrier = carrier_dir.load_for_model(path, mc.model, mc.hf_config)
         manager = self._adapter_manager
         dtype = mc.dtype if isinstance(mc.dtype, torch.dtype) else carrier.dtype
+        if dtype != carrier.dtype:  # a cast the user should know of: exact only when it widens
+            log.warning("lcdd: carrier %s is %s; its deltas are cast to the served dtype %s", path,
+                        carrier.dtype, dtype)
         weights = fuse(carrier, manager.modules, manager.packed_modules_mapping, dtype, f"carrier {path}")
         model = LoRAModel(lora_request.lora_int_id, 1, {})
         model.lcdd = weights
