@@ -184,11 +184,12 @@ def test_fused_entries_are_the_carrier_exactly_at_its_bytes(served):
         torch.testing.assert_close(got, torch.cat(want, dim=1), rtol=0, atol=1e-12)  # float64: GEMM blocking only
 
 
-def test_fuse_refuses_tensor_parallel_sharded_and_missing_layers(served):
+def test_fuse_refuses_unknown_splits_sharded_and_missing_layers(served):
     from lcdd_kernels.integrations.vllm.slots import fuse
 
     _, _, carrier = served
-    with pytest.raises(ValueError, match="tensor_parallel_size=1 only"):
+    # a layer split over ranks in a way the plugin does not know (tests/integrations/test_vllm_shards.py: the known ones)
+    with pytest.raises(ValueError, match="_FakeLoRALayer split over 2 tensor-parallel ranks"):
         fuse(carrier, _vllm_layers(carrier.dims, tp_size=2), PACKED, torch.float32, "c")
     layers = _vllm_layers(carrier.dims)
     sharded = type("RowParallelLinearWithShardedLoRA", (_FakeLoRALayer,), {})

@@ -46,13 +46,18 @@ def _patch(cls, name, make):
     setattr(cls, name, new)
 
 
-def _tp_refusal(parallel_config) -> str | None:
-    tp = getattr(parallel_config, "tensor_parallel_size", 1)
-    pp = getattr(parallel_config, "pipeline_parallel_size", 1)
-    if tp != 1 or pp != 1:
-        return (f"the lcdd vLLM plugin serves carriers with tensor_parallel_size=1 and pipeline_parallel_size=1 only "
-                f"(this engine: {tp} and {pp}); serve carriers on one device, or export an exact LoRA "
-                "(lcdd export) where its rank allows")
+def _parallel_refusal(vllm_config) -> str | None:
+    # Tensor parallelism is served (each rank keeps its own rows or columns: .shards). Under
+    # pipeline parallelism a rank holds some decoder layers only, which the plugin does not map.
+    pp = getattr(vllm_config.parallel_config, "pipeline_parallel_size", 1)
+    if pp != 1:
+        return (f"the lcdd vLLM plugin serves carriers with pipeline_parallel_size=1 only (this engine: {pp}); "
+                "split the model with tensor_parallel_size instead (served), or export an exact LoRA (lcdd export) "
+                "where its rank allows")
+    if getattr(getattr(vllm_config, "lora_config", None), "fully_sharded_loras", False):
+        # the fully sharded LoRA layers compute their own path and never reach the carrier hook
+        return ("the lcdd vLLM plugin serves carriers without --fully-sharded-loras (fully_sharded_loras=True "
+                "here); start vLLM without it (tensor parallelism is served either way)")
     return None
 
 
@@ -72,7 +77,7 @@ def validate_request(lora_path: str, vllm_config) -> None:
     """Refuse (CarrierRefused) a carrier that the served model cannot take; cached per directory
     and file version, so each carrier is read once, not per request."""
     path = os.path.abspath(os.path.expanduser(lora_path))
-    why = _tp_refusal(vllm_config.parallel_config)
+    why = _parallel_refusal(vllm_config)
     if why:
         raise carrier_dir.CarrierRefused(f"carrier {path}: {why}")
     version = _version_key(path)
@@ -105,7 +110,7 @@ def _make_init(orig):
     def __init__(self, vllm_config, *args, **kwargs):
         orig(self, vllm_config, *args, **kwargs)
         self._lcdd_model_config = vllm_config.model_config
-        self._lcdd_parallel_config = vllm_config.parallel_config
+        self._lcdd_vllm_config = vllm_config
     return __init__
 
 
@@ -116,7 +121,7 @@ def _make_load_adapter(orig):
         from vllm.lora.lora_model import LoRAModel
 
         path = os.path.abspath(os.path.expanduser(lora_request.lora_path))
-        why = _tp_refusal(self._lcdd_parallel_config)
+        why = _parallel_refusal(self._lcdd_vllm_config)
         if why:
             raise carrier_dir.CarrierRefused(f"carrier {path}: {why}")
         from vllm import envs

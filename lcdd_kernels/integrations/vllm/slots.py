@@ -16,6 +16,7 @@ import torch
 from ...carriers.carrier import Carrier
 from ...ops.carrier import CarrierTable, _Entry
 from ...ops.carrier_plan import CarrierPlan
+from .shards import shard_view
 
 
 @dataclass
@@ -31,8 +32,10 @@ class CarrierSlotWeights:
 def fuse(carrier: Carrier, modules: dict, packed: dict[str, list[str]], dtype: torch.dtype,
          where: str) -> CarrierSlotWeights:
     """The carrier's entries for vLLM's LoRA ``modules`` (name -> LoRA layer), given the model's
-    ``packed_modules_mapping``; a ValueError naming what does not fit (tensor parallelism, a
-    projection without a LoRA layer, parts that do not share their columns)."""
+    ``packed_modules_mapping``; a ValueError naming what does not fit (a layer split in a way the
+    plugin does not know, a projection without a LoRA layer, parts that do not share their columns).
+    Under tensor parallelism each layer keeps only this rank's rows or columns (:mod:`.shards`); a
+    layer where this rank holds none of the carrier gets no entry (it adds nothing there)."""
     left = dict(carrier.modules)
     entries = {}
     for name, module in modules.items():
@@ -41,9 +44,6 @@ def fuse(carrier: Carrier, modules: dict, packed: dict[str, list[str]], dtype: t
         paths = [f"{prefix}.{p}" if prefix else p for p in parts]
         if not any(p in left for p in paths):
             continue
-        if getattr(module, "tp_size", 1) != 1:
-            raise ValueError(f"{where}: {name} is split over {module.tp_size} tensor-parallel ranks; the lcdd vLLM "
-                             "plugin serves carriers with tensor_parallel_size=1 only")
         if "Sharded" in type(module).__name__:
             # the fully sharded LoRA layers compute their own path and never reach the hook
             raise ValueError(f"{where}: {name} is a {type(module).__name__} (--fully-sharded-loras); the lcdd vLLM "
@@ -51,24 +51,38 @@ def fuse(carrier: Carrier, modules: dict, packed: dict[str, list[str]], dtype: t
         missing = [p for p in paths if p not in left]
         if missing:
             raise ValueError(f"{where}: the carrier has no {missing} but vLLM fuses them into {name}")
-        slices = list(getattr(module, "output_slices", ()))
-        if len(slices) != len(parts):
-            raise ValueError(f"{where}: vLLM's {name} has output slices {slices} for the parts {parts}")
+        try:
+            view = shard_view(module, parts, name)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
         cols = left[paths[0]].cols
-        rows, deltas, offset = [], [], 0
-        for p, size in zip(paths, slices):
+        mods = []
+        for p in paths:
             m = left.pop(p)
             if not torch.equal(m.cols, cols):
                 raise ValueError(f"{where}: {p} and {paths[0]} have different columns, so vLLM's fused {name} cannot "
                                  "hold them as one entry")
-            if m.rows.numel() and int(m.rows[-1]) >= size:
-                raise ValueError(f"{where}: {p} has row {int(m.rows[-1])} but vLLM's {name} slice holds {size}")
-            rows.append(m.rows.to(torch.int64) + offset)
-            deltas.append(m.delta)
-            offset += size
+            mods.append(m)
+        rows, deltas = [], []
+        for seg in sorted(view.segments, key=lambda s: s.local):
+            m = mods[seg.part]
+            r = m.rows.to(torch.int64)
+            if view.whole and r.numel() and int(r[-1]) >= seg.length:
+                raise ValueError(f"{where}: {paths[seg.part]} has row {int(r[-1])} but vLLM's {name} slice holds "
+                                 f"{seg.length}")
+            keep = (r >= seg.start) & (r < seg.start + seg.length)
+            rows.append(r[keep] - seg.start + seg.local)
+            deltas.append(m.delta[keep])
+        rows, delta = torch.cat(rows), torch.cat(deltas)
+        cols = cols.to(torch.int64)
+        if view.in_size is not None:  # row-parallel: this rank's input columns only
+            keep = (cols >= view.in_start) & (cols < view.in_start + view.in_size)
+            cols, delta = cols[keep] - view.in_start, delta[:, keep]
+        if not rows.numel() or not cols.numel():
+            continue
         device = module.device if isinstance(getattr(module, "device", None), torch.device) else torch.device("cpu")
-        entries[name] = CarrierTable.entry(torch.cat(deltas).to(device, dtype), torch.cat(rows).to(device),
-                                           cols.to(device), offset, slots=False)
+        entries[name] = CarrierTable.entry(delta.to(device, dtype), rows.to(device), cols.to(device), view.n_out,
+                                           slots=False)
     if left:
         raise ValueError(f"{where}: the served model has no LoRA layer for {len(left)} of the carrier's projections "
                          f"(e.g. {next(iter(left))}); start vLLM without --lora-target-modules, or with all of "
