@@ -108,15 +108,17 @@ def export_for_vllm(carriers, root: str | os.PathLike) -> tuple[dict[str, str], 
     return adapters, reports
 
 
-def run_job(job: dict, timeout: float = 600, threads: int | None = None) -> dict:
-    """Run an offline vLLM job (see :mod:`.vllm_runner`) in the vLLM venv; its results."""
+def run_job(job: dict, timeout: float = 600, threads: int | None = None, extra_env: dict | None = None) -> dict:
+    """Run an offline vLLM job (see :mod:`.vllm_runner`) in the vLLM venv (its environment
+    :func:`env` plus ``extra_env``); its results."""
     reason = available()
     if reason:
         raise RuntimeError(reason)
     with tempfile.TemporaryDirectory(prefix="lcdd-vllm-") as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "out.json"
         job_path.write_text(json.dumps(job), encoding="utf-8")
-        proc = subprocess.run([str(vllm_python()), str(RUNNER), str(job_path), str(out_path)], env=env(threads),
+        proc = subprocess.run([str(vllm_python()), str(RUNNER), str(job_path), str(out_path)],
+                              env={**env(threads), **(extra_env or {})},
                               capture_output=True, text=True, timeout=timeout, cwd=tmp)
         if proc.returncode != 0 or not out_path.exists():
             raise RuntimeError(f"the vLLM runner failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")

@@ -7,7 +7,7 @@ vLLM; :mod:`lcdd_kernels.serving.vllm_env` writes the job and reads the results.
 Job: ``{"model", "dtype", "max_lora_rank", "max_model_len", "adapters": {name: dir}, "runs": [{"name",
 "max_loras", "batches": [{"name", "max_tokens", "logprobs", "requests": [{"prompt_token_ids",
 "adapter"}], "expect_error"}]}]}``. Each run starts one ``LLM`` (its own ``max_loras``, and optionally
-its own ``max_lora_rank`` and ``enable_lora``); each batch is one
+its own ``max_lora_rank``, ``enable_lora`` and ``tensor_parallel_size``); each batch is one
 ``generate`` call with every request submitted at once. Results per batch: per request the
 generated token ids and their log-probs (a batch with ``expect_error``: the error vLLM raised, or
 None), and the batch's wall time (median of ``repeats`` after
@@ -31,11 +31,14 @@ def run(job: dict) -> dict:
     for spec in job["runs"]:
         t0 = time.perf_counter()
         lora = spec.get("enable_lora", bool(adapters))
+        tp = spec.get("tensor_parallel_size", 1)
+        # vLLM's multiprocessing executor: one worker process per rank, collectives over gloo/shm
+        parallel = {"tensor_parallel_size": tp, "distributed_executor_backend": "mp"} if tp > 1 else {}
         llm = LLM(model=job["model"], tokenizer=job["model"], dtype=job.get("dtype", "float32"),
                   enable_lora=lora, max_lora_rank=spec.get("max_lora_rank", job.get("max_lora_rank", 8)),
                   max_loras=spec.get("max_loras", max(1, len(adapters))), max_model_len=job.get("max_model_len", 256),
                   enforce_eager=True, gpu_memory_utilization=0.1, seed=0,
-                  max_num_seqs=job.get("max_num_seqs", 256))
+                  max_num_seqs=job.get("max_num_seqs", 256), **parallel)
         start_s = time.perf_counter() - t0
         batches = []
         for b in spec["batches"]:

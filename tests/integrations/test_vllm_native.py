@@ -11,6 +11,7 @@ summation-order tolerance):
   same carrier served natively (no base request in that batch: a base request beside a PEFT LoRA
   in the last slot meets the upstream bug pinned in test_vllm_serving.py), and refused carriers (another base, a damaged file, dense parts)
   while the engine goes on serving;
+- tensor_parallel_size=2: base requests and two carriers mixed, each rank holding its own share;
 - a carrier whose exact LoRA would need rank > 512 (two decoder layers of Qwen3-0.6B's shape,
   random weights, about 60% of each mask on), served exactly;
 - vLLM's OpenAI-compatible server with ``--lora-modules name=CARRIER_DIR`` on 127.0.0.1, and a
@@ -160,6 +161,26 @@ def test_a_bad_carrier_is_refused_with_the_packages_message(offline, bad, messag
     assert err is not None, f"vLLM served the {bad} carrier"
     assert re.search(message, err), err
     assert _batch(offline, "evict")["requests"], "the engine stopped serving after the refusal"
+
+
+# ----- tensor parallelism ------------------------------------------------------------------
+
+TP_MIXED = [0, None, 1, 1, None, 0]
+
+
+def test_tensor_parallel_2_serves_base_and_carriers_mixed_like_the_bank(served):
+    """tensor_parallel_size=2 (vLLM's multiprocessing executor, one worker per rank): each rank
+    holds its own carrier rows (q/k/v: 2 of 4 query heads and 1 of 2 kv heads; gate/up: half) or
+    columns (o, down: the partial sums that vLLM's all-reduce adds). vLLM's CPU build binds each
+    rank's threads to a NUMA node of its own unless told otherwise; ``nobind`` serves on one node."""
+    job = {"model": served["model"], "dtype": "float32", "max_lora_rank": 8, "max_model_len": 256,
+           "adapters": {n: served["adapters"][n] for n in ("c0", "c1")},
+           "runs": [{"name": "tp2", "max_loras": 2, "tensor_parallel_size": 2, "batches": [
+               {"name": "mixed", "max_tokens": MAX_NEW, "logprobs": 1, "requests": _requests(served, TP_MIXED)}]}]}
+    out = vllm_env.run_job(job, timeout=900, threads=1, extra_env={"VLLM_CPU_OMP_THREADS_BIND": "nobind"})
+    got = out["runs"][0]["batches"][0]["requests"]
+    for i, (c, r) in enumerate(zip(TP_MIXED, got)):
+        _check(r, served["ref"][i, c], f"tensor-parallel request {i} (carrier {c})")
 
 
 # ----- a carrier whose exact LoRA would need rank > 512 -------------------------------------

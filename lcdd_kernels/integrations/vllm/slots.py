@@ -5,6 +5,7 @@ vLLM fuses q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` (the model'
 (``output_slices``). A carrier's q, k and v share their columns (the ``attn_read`` mask), and so
 do gate and up (``ffn_read``), so one fused entry holds them exactly: rows shifted by each part's
 offset and concatenated, the shared columns once, the Δs stacked. Its bytes are the carrier's.
+Under tensor parallelism each rank's entry keeps only that rank's rows or columns (:mod:`.shards`).
 """
 
 from __future__ import annotations
