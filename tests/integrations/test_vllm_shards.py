@@ -264,3 +264,19 @@ def test_an_unknown_split_and_fully_sharded_layers_are_refused():
     layers["model.layers.0.mlp.down_proj"].__class__ = sharded
     with pytest.raises(ValueError, match="fully-sharded-loras"):
         fuse(carrier, layers, PACKED, torch.float64, "c")
+
+
+def test_pipeline_parallel_and_fully_sharded_loras_are_refused_naming_them():
+    from types import SimpleNamespace as NS
+
+    from lcdd_kernels.integrations.vllm.patches import _parallel_refusal
+
+    def config(tp=1, pp=1, fully_sharded=False):
+        return NS(parallel_config=NS(tensor_parallel_size=tp, pipeline_parallel_size=pp),
+                  lora_config=NS(fully_sharded_loras=fully_sharded))
+
+    assert _parallel_refusal(config()) is None and _parallel_refusal(config(tp=4)) is None
+    why = _parallel_refusal(config(tp=2, pp=2))
+    assert why and "pipeline_parallel_size=1 only (this engine: 2)" in why and "tensor_parallel_size" in why
+    why = _parallel_refusal(config(tp=2, fully_sharded=True))
+    assert why and "--fully-sharded-loras" in why
