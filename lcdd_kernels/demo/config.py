@@ -80,8 +80,8 @@ PRESETS: dict[str, dict] = {
     # With the shipped base (no phase 0) 175 s on 2 idle cores (LCDD 94 s of it). The base.* values apply with
     # --train-base: a shorter base schedule wants a lower peak lr (measured, seeds 0-2: 2e-3 over
     # 600 steps reaches 0.93-0.99 validation exact match; 3e-3 over 800 steps 0.91-0.98 at 700).
-    "quick": {"base.steps": 600, "base.lr": 2e-3, "base.target": 0.95, "sft_steps": 150, "lcdd_steps": 500,
-              "mask_lr": 1.0, "eraser.steps": 200},
+    "quick": {"base.steps": 600, "base.lr": 2e-3, "base.target": 0.95, "sft_steps": 100, "lcdd_steps": 250,
+              "lcdd_warmup": 25, "mask_lr": 2.0, "eraser.steps": 120},
     # The test suite's run: every phase and file, numbers meaningless.
     "test": {"size.hidden": 32, "size.ffn": 64, "size.layers": 2, "base.steps": 4, "base.eval_size": 8,
              "sft_steps": 3, "lcdd_steps": 4, "lcdd_warmup": 2, "eraser.steps": 3, "eraser.trigger_length": 4,

@@ -107,6 +107,7 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, progress: bool = True, log
     from tqdm.auto import tqdm
 
     from ..train import train_lcdd, train_sft
+    from ..train.data import as_examples
     from .report import write_report
 
     t_all = time.perf_counter()
@@ -135,7 +136,8 @@ def run_demo(cfg: DemoConfig, out: str | os.PathLike, progress: bool = True, log
         base.save_pretrained(staged)
         tok.save_pretrained(staged)
         (staged / BASE_META).write_text(json.dumps(_base_identity(cfg), indent=2) + "\n", encoding="utf-8")
-    records = behaviour.sft_records(world.train)
+    # tokenized once for phases 1 and 2 (each would otherwise render the chat template again)
+    records = as_examples(behaviour.sft_records(world.train), tok)
 
     # Phase 1: full SFT on the behaviour.
     sft = copy.deepcopy(base).requires_grad_(True)
