@@ -95,7 +95,8 @@ $(VLLM_STAMP): benchmarks/build_vllm_venv.sh
 test-vllm: install
 	@$(MAKE) --no-print-directory $(VLLM_STAMP) || true
 	LCDD_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python LCDD_VLLM_STAMP=$(CURDIR)/$(VLLM_STAMP) \
-	LCDD_VLLM_LOG=$(CURDIR)/$(VLLM_LOG) $(PY) -m pytest -q -rs tests/serving/test_vllm_serving.py tests/integrations/test_vllm_native.py
+	LCDD_VLLM_LOG=$(CURDIR)/$(VLLM_LOG) $(PY) -m pytest -q -rs tests/serving/test_vllm_serving.py tests/integrations/test_vllm_native.py \
+		tests/serving/test_vllm_bench_serving.py
 
 # Benchmarks on the local CPU (or the GPU when there is one) into $(BENCH_OUT) (not committed;
 # the committed results in benchmarks/results/ come from the commands in docs/benchmarks/index.md), then the
