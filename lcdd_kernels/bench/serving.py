@@ -157,10 +157,10 @@ def _decode(g: dict, provider: str) -> float | None:
     return g.get(provider, {}).get("decode_tokens_per_s")
 
 
-def _qwen3_with(*providers):
+def _qwen3_with(*providers, key="decode_tokens_per_s"):
     def applies(g: dict) -> bool:
         first = next(iter(g.values()))
-        return first["group"].startswith("serving/qwen3") and all(_decode(g, p) for p in providers)
+        return first["group"].startswith("serving/qwen3") and all(g.get(p, {}).get(key) for p in providers)
     return applies
 
 
@@ -180,8 +180,7 @@ TARGETS = [
                   _qwen3_with("vllm-lora-4", "vllm-native-4"),
                   lambda g: _decode(g, "vllm-native-4") / _decode(g, "vllm-lora-4"), 1.0, ">="),
     common.Target("native-slot-bytes", "resident bytes per native slot / the carrier's bytes <= 1.2",
-                  lambda g: _qwen3_with("vllm-native-4")(g) and "resident_bytes_per_slot" in g["vllm-native-4"],
-                  _slot_vs_carrier, 1.2),
+                  _qwen3_with("vllm-native-4", key="resident_bytes_per_slot"), _slot_vs_carrier, 1.2),
 ]
 
 

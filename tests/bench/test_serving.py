@@ -132,5 +132,7 @@ def test_native_vs_lora_is_not_measured_where_the_lora_is_not_servable():
     lora = {k: v for k, v in _row(g, "vllm-lora-4", 1.0, 0.5).items() if k not in ("wall_s", "ttft_s", "tokens_per_s")}
     rows = [_row(g, "vllm-base", 3.0, 1.0), _row(g, "vllm-native-4", 3.0, 1.0), {**lora, "not_servable": "rank 614"}]
     serving.add_ratios(rows)
-    got = {t["target"]: t["status"] for t in check_targets(rows, serving.TARGETS)}
-    assert got == {"native-vs-base": "pass", "native-vs-lora": "not measured", "native-slot-bytes": "not measured"}
+    rows[1].update(resident_bytes_per_slot=150, carrier_bytes=100)
+    got = {t["target"]: (t["status"], t["value"]) for t in check_targets(rows, serving.TARGETS)}
+    assert got == {"native-vs-base": ("pass", 1.0), "native-vs-lora": ("not measured", None),
+                   "native-slot-bytes": ("miss", 1.5)}

@@ -20,14 +20,14 @@ require_vllm_venv()
 
 def test_qwen3_group_measures_every_provider_and_checks_the_targets(tmp_path):
     out = tmp_path / "serving.json"
-    rc = main(["bench", "serving", "--groups", "qwen3", "--layers", "1", "--requests", "4", "--new-tokens", "4",
+    rc = main(["bench", "serving", "--groups", "qwen3", "--layers", "1", "--requests", "4", "--new-tokens", "8",
                "--repeats", "1", "--device", "cpu", "--out", str(out)])
     data = json.loads(out.read_text())
     rows = {r["provider"]: r for r in data["rows"]}
     assert rc == 0, [r.get("error") for r in data["rows"]]
     assert set(rows) == {"vllm-base", "vllm-native-1", "vllm-native-4", "vllm-lora-4"}
     for r in rows.values():
-        assert r["decode_tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["start_s"] > 0, r["provider"]
+        assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["start_s"] > 0, r["provider"]
         assert r["vllm_version"].startswith("0.32.0")
     lora, native = rows["vllm-lora-4"], rows["vllm-native-4"]
     # both exact, fp32: the same greedy tokens for every request
@@ -36,6 +36,12 @@ def test_qwen3_group_measures_every_provider_and_checks_the_targets(tmp_path):
     assert lora["resident_bytes_per_slot"] == 4 * 256 * 22_528  # one LoRA slot at rank 256, one layer
     assert native["resident_bytes_per_slot"] <= native["carrier_bytes"]  # fused layers keep shared columns once
     assert lora["resident_bytes_per_slot"] > 5 * native["resident_bytes_per_slot"]
-    status = {t["target"]: t["status"] for t in data["targets"]}
-    assert set(status) == {"native-vs-base", "native-vs-lora", "native-slot-bytes"}
-    assert set(status.values()) <= {"pass", "miss"}, status
+    targets = {t["target"]: t for t in data["targets"]}
+    assert set(targets) == {"native-vs-base", "native-vs-lora", "native-slot-bytes"}
+    slot = targets["native-slot-bytes"]
+    assert slot["status"] == "pass" and slot["value"] == native["resident_bytes_per_slot"] / native["carrier_bytes"]
+    # the speed targets are computed wherever decode was timed (a few tokens on a busy machine can
+    # leave the batch's wall time at or below its time to first token: then there is no decode rate)
+    for name, providers in (("native-vs-base", ("vllm-base",)), ("native-vs-lora", ("vllm-lora-4",))):
+        timed = all("decode_tokens_per_s" in rows[p] for p in (*providers, "vllm-native-4"))
+        assert targets[name]["status"] in (("pass", "miss") if timed else ("not measured",)), targets[name]
