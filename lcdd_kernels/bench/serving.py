@@ -30,7 +30,7 @@ start (vLLM: building the LLM; bank: patching the model and loading the carriers
 ``resident_bytes_per_slot``: what one carrier holds in a native slot (Δ, int32 rows and columns,
 the columns once per fused vLLM layer), or one vLLM LoRA slot at the ``max_lora_rank`` the
 exact LoRA needs (vLLM allocates every slot at that rank); ``carrier_bytes``: the carrier as
-stored. Greedy tokens are compared where two providers serve the same requests exactly
+stored; ``adapter_bytes``: the exact LoRA as ``export_peft`` writes it. Greedy tokens are compared where two providers serve the same requests exactly
 (``tokens_match``). Reported as measured, whichever wins: on a CPU, vLLM's strengths (paged
 attention on a GPU, continuous batching of a stream of requests) are not what a single offline
 batch shows. Everything is served in float32 (the tiny group's carriers are extracted against
@@ -117,6 +117,7 @@ def run(args) -> int:
                ("tokens match", lambda r: r.get("tokens_match", "-")),
                ("slot MiB", lambda r: common._f(_mib(r.get("resident_bytes_per_slot")), "{:.2f}")),
                ("carrier MiB", lambda r: common._f(_mib(r.get("carrier_bytes")), "{:.2f}")),
+               ("adapter MiB", lambda r: common._f(_mib(r.get("adapter_bytes")), "{:.2f}")),
                ("error", lambda r: (r.get("error") or r.get("not_servable") or "")[:80])]
     return common.report(rows, TARGETS, results, None, columns)
 
@@ -192,7 +193,6 @@ def _tiny_llama(args, device, stamp, n_req, new_tokens) -> list[dict]:
     from ..serving import vllm_env
     from ..serving.bank_generate import bank_greedy
 
-    dtype = torch.float32
     model, tok = vllm_env.served_model(0)
     model = model.to(device)
     carriers = [vllm_env.served_carrier(s) for s in (1, 2, 3)]
@@ -313,7 +313,8 @@ def _qwen3(args, stamp, n_req, new_tokens) -> list[dict]:
             continue
         gen, first = batches[run_name, f"{prefix}generate"], batches[run_name, f"{prefix}ttft"]
         tokens[provider] = [r["token_ids"] for r in gen["requests"]]
-        extra = lora_sizes if provider == "vllm-lora-4" else dict(sizes, resident_bytes_per_slot=native_slot) if n else {}
+        extra = (lora_sizes if provider == "vllm-lora-4"
+                 else dict(sizes, resident_bytes_per_slot=native_slot) if n else {})
         rows.append(row(provider, start_s=runs[run_name]["start_s"], wall_s=gen["wall_s"], ttft_s=first["wall_s"],
                         tokens_per_s=n_req * new_tokens / gen["wall_s"], vllm_version=out["vllm_version"], **extra))
     if "vllm-lora-4" in tokens:  # both exact: the same greedy tokens, up to near-ties of a random model
