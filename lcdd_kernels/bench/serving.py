@@ -30,11 +30,12 @@ start (vLLM: building the LLM; bank: patching the model and loading the carriers
 ``resident_bytes_per_slot``: what one carrier holds in a native slot (Δ, int32 rows and columns,
 the columns once per fused vLLM layer), or one vLLM LoRA slot at the ``max_lora_rank`` the
 exact LoRA needs (vLLM allocates every slot at that rank); ``carrier_bytes``: the carrier as
-stored; ``adapter_bytes``: the exact LoRA as ``export_peft`` writes it. Greedy tokens are compared where two providers serve the same requests exactly
-(``tokens_match``). Reported as measured, whichever wins: on a CPU, vLLM's strengths (paged
-attention on a GPU, continuous batching of a stream of requests) are not what a single offline
-batch shows. Everything is served in float32 (the tiny group's carriers are extracted against
-its fp32 weights and the tokens are compared): ``--dtype`` other than float32 is refused.
+stored; ``adapter_bytes``: the exact LoRA as ``export_peft`` writes it. Greedy tokens are
+compared where two providers serve the same requests exactly (``tokens_match``). Reported as
+measured, whichever wins: on a CPU, vLLM's strengths (paged attention on a GPU, continuous
+batching of a stream of requests) are not what a single offline batch shows. Everything is
+served in float32 (the tiny group's carriers are extracted against its fp32 weights and the
+tokens are compared): ``--dtype`` other than float32 is refused.
 """
 
 from __future__ import annotations
