@@ -198,6 +198,28 @@ lcdd_status validate(const void* x, int64_t x_stride, const void* y, int64_t tok
   return check_views(cv, n_carriers, n_out, n_in, indices);
 }
 
+// f(0) .. f(n - 1): shared out over the enclosing parallel region's threads (`team`), or a plain
+// loop (a serial call must not bind an orphaned `omp for` to a caller's parallel region).
+template <typename F>
+inline void static_tasks(bool team, int64_t n, F&& f) {
+  if (!team) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < n; ++i) f(i);
+}
+
+template <typename F>
+inline void dynamic_tasks(bool team, int64_t n, F&& f) {
+  if (!team) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+#pragma omp for schedule(dynamic)
+  for (int64_t i = 0; i < n; ++i) f(i);
+}
+
 // Per-thread scratch that only grows: a decode-sized call allocates (and zero-fills) nothing.
 template <typename A>
 A* scratch(int slot, int64_t n) {
@@ -221,8 +243,9 @@ void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t 
   }
   const int64_t tasks = chunks * blocks;
   const bool par = tasks > 1 && tokens * n_out * n_in > lcdd::kMinParallelWork;
-#pragma omp parallel num_threads(lcdd::threads()) if (par)
-  {
+  // a serial call skips the parallel region: entering one, even with if(false), costs a
+  // microsecond or two, which a decode step pays per projection
+  auto body = [&](bool team) {
     // scratch: x of a chunk, token-innermost (base rows: every column; carriers: their columns);
     // a few-token chunk reads the base columns of x in place
     Acc<T>* const xb = scratch<Acc<T>>(0, tokens > kFewTokens ? n_in * kTok : 0);
@@ -233,8 +256,7 @@ void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t 
     int64_t xb_chunk = -1, xg_chunk = -1;
     Acc<T> acc[kRowBlock][kTok];
     Acc<T> part[kRows][kTok];
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < tasks; ++task) {
+    static_tasks(team, tasks, [&](int64_t task) {
       const int64_t ch = task / blocks, n0 = (task % blocks) * kRowBlock, n1 = std::min(n_out, n0 + kRowBlock);
       const int64_t t0 = ch * kTok;
       const int nt = static_cast<int>(std::min<int64_t>(kTok, tokens - t0));
@@ -283,7 +305,13 @@ void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t 
       }
       for (int k = 0; k < nt; ++k)
         for (int64_t n = n0; n < n1; ++n) y[(t0 + k) * n_out + n] = from_acc<T>(acc[n - n0][k]);
-    }
+    });
+  };
+  if (par) {
+#pragma omp parallel num_threads(lcdd::threads())
+    body(true);
+  } else {
+    body(false);
   }
 }
 
@@ -303,12 +331,10 @@ void add(const T* x, int64_t xs, T* y, int64_t n_out, const lcdd_carrier_view* c
   }
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   const bool par = n_tasks > 1 && work > lcdd::kMinParallelWork;
-#pragma omp parallel num_threads(lcdd::threads()) if (par)
-  {
+  auto body = [&](bool team) {
     Acc<T>* const xg = scratch<Acc<T>>(1, max_cols * kTok);
     Acc<T> part[kRows][kTok];
-#pragma omp for schedule(dynamic)
-    for (int64_t it = 0; it < n_tasks; ++it) {
+    dynamic_tasks(team, n_tasks, [&](int64_t it) {
       const Task& task = tasks[it];
       const lcdd_carrier_view& v = cv[task.c];
       const int64_t* tok = rt.tokens[task.c].data() + task.tok;
@@ -328,7 +354,13 @@ void add(const T* x, int64_t xs, T* y, int64_t n_out, const lcdd_carrier_view* c
           }
         }
       }
-    }
+    });
+  };
+  if (par) {
+#pragma omp parallel num_threads(lcdd::threads())
+    body(true);
+  } else {
+    body(false);
   }
 }
 
