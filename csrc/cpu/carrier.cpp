@@ -230,7 +230,7 @@ A* scratch(int slot, int64_t n) {
 
 // The fused projection. Tasks are (chunk of kTok tokens, block of kRowBlock output rows): the base
 // rows of the block, then, per carrier used by a token of the chunk, its rows inside the block with
-// x gathered at its columns (tokens of other carriers masked to zero).
+// x gathered at its columns for its own tokens of the chunk (compacted).
 template <typename T>
 void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t tokens, int64_t n_out,
             int64_t n_in, const lcdd_carrier_view* cv, const Routing& rt) {
@@ -280,16 +280,21 @@ void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t 
       xg_chunk = ch;
       for (size_t u = 0; u < rt.used.size(); ++u) {
         const int64_t c = rt.used[u];
+        // the carrier's tokens of the chunk, compacted (lane q is the chunk's token pos[q]): with
+        // several carriers in a chunk each computes its own tokens only, not every lane masked
         int64_t tok[kTok];
-        bool any = false;
-        for (int k = 0; k < kTok; ++k) {
-          tok[k] = (k < nt && carrier_of[t0 + k] == c) ? t0 + k : -1;
-          any |= tok[k] >= 0;
+        int pos[kTok];
+        int m = 0;
+        for (int k = 0; k < nt; ++k) {
+          if (carrier_of[t0 + k] != c) continue;
+          tok[m] = t0 + k;
+          pos[m++] = k;
         }
-        if (!any) continue;
+        if (m == 0) continue;
+        for (int q = m; q < kTok; ++q) tok[q] = -1;
         const lcdd_carrier_view& v = cv[c];
         Acc<T>* const xgc = xg + static_cast<int64_t>(u) * xg_stride;
-        if (gather) prepare_tokens(x, xs, tok, nt, v.cols, v.n_cols, xgc);
+        if (gather) prepare_tokens(x, xs, tok, m, v.cols, v.n_cols, xgc);
         const int64_t j0 = std::lower_bound(v.rows, v.rows + v.n_rows, static_cast<int32_t>(n0)) - v.rows;
         const int64_t j1 = std::lower_bound(v.rows + j0, v.rows + v.n_rows, static_cast<int32_t>(n1)) - v.rows;
         if (j0 == j1) continue;
@@ -298,9 +303,9 @@ void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t 
           const int nr = static_cast<int>(std::min<int64_t>(kRows, j1 - j));
           const T* w[kRows];
           for (int r = 0; r < nr; ++r) w[r] = delta + (j + r) * v.n_cols;
-          rows_times_tokens(w, nr, x, xs, tok, nt, v.cols, v.n_cols, xgc, part);
+          rows_times_tokens(w, nr, x, xs, tok, m, v.cols, v.n_cols, xgc, part);
           for (int r = 0; r < nr; ++r)
-            for (int k = 0; k < nt; ++k) acc[v.rows[j + r] - n0][k] += part[r][k];  // lanes past nt are unset
+            for (int q = 0; q < m; ++q) acc[v.rows[j + r] - n0][pos[q]] += part[r][q];  // lanes past m are unset
         }
       }
       for (int k = 0; k < nt; ++k)

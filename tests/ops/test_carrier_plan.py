@@ -313,3 +313,24 @@ def test_plan_follows_use_backend_per_call(monkeypatch):
         with L.use_backend("torch"):
             assert_close("torch backend", plan(x, w, None, ids), want)
     assert _backend._contexts == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ids", [
+    [0] * 6 + [1] * 5 + [-1] * 5,          # two carriers above the few-token path in one chunk, and base tokens
+    [3, 0, 3, 3, 0, 3, 3, 9, 3, 3, 1, 3, 3],  # one carrier's many tokens around others', one id out of range
+    [1] * 16,                                # a whole chunk on one slot: no compaction
+    [4, -1, 0, 3, 1, 3, 4, 0, 1, -1, 3, 4, 0, 1, 4, 3],  # four carriers, a few tokens each
+])
+def test_fused_chunk_of_mixed_carriers(ids, dtype):
+    """Inside one 16-token chunk each carrier computes only its own tokens (compacted lanes)."""
+    n, k = 41, 35
+    g = torch.Generator().manual_seed(len(ids))
+    w, x = torch.randn(n, k, generator=g).to(dtype), torch.randn(len(ids), k, generator=g).to(dtype)
+    cs = _cast(_carriers(n, k, seed=2), dtype)
+    ids = torch.tensor(ids, dtype=torch.int32)
+    in_range = ids.masked_fill(ids >= len(cs), -1)
+    with torch.no_grad():
+        got = CarrierPlan(w, cs)(x, w, None, ids)
+    ref = bank_linear_ref(x.double(), w.double(), _cast(cs, torch.float64), in_range)
+    assert_close(f"mixed chunk {dtype}", got, ref, lowp=bank_linear_ref(x, w, cs, in_range))
