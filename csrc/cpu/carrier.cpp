@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "internal.h"
@@ -28,34 +29,38 @@ constexpr int kRows = 4;           // weight rows per micro-kernel
 constexpr int64_t kRowBlock = 16;  // output rows per task of the fused kernel
 constexpr int64_t kAddRows = 64;   // carrier rows per task of the add kernel
 
+// Eight lanes of accumulators as one GCC/Clang vector value (an AVX register; two SSE ones in a
+// portable build): the four rows' sums over kTok tokens stay in registers across the reduction.
+template <typename A> struct Lanes;
+template <> struct Lanes<float> { typedef float type __attribute__((vector_size(32))); };
+template <> struct Lanes<double> { typedef double type __attribute__((vector_size(32))); };
+
 // out[r][k] = Σ_i w[r][i]·xg[i·kTok + k] for r < nr (<= kRows).
 template <typename T>
 inline void micro(const T* const* w, int nr, int64_t n, const Acc<T>* xg, Acc<T> (*out)[kTok]) {
-  Acc<T> a[kRows][kTok] = {};
-  if (nr == kRows) {
-    for (int64_t i = 0; i < n; ++i) {
-      const Acc<T> w0 = to_float(w[0][i]), w1 = to_float(w[1][i]), w2 = to_float(w[2][i]), w3 = to_float(w[3][i]);
-      const Acc<T>* xv = xg + i * kTok;
-#pragma omp simd
-      for (int k = 0; k < kTok; ++k) {
-        a[0][k] += w0 * xv[k];
-        a[1][k] += w1 * xv[k];
-        a[2][k] += w2 * xv[k];
-        a[3][k] += w3 * xv[k];
-      }
-    }
-  } else {
-    for (int r = 0; r < nr; ++r) {
-      for (int64_t i = 0; i < n; ++i) {
-        const Acc<T> wr = to_float(w[r][i]);
-        const Acc<T>* xv = xg + i * kTok;
-#pragma omp simd
-        for (int k = 0; k < kTok; ++k) a[r][k] += wr * xv[k];
-      }
+  using A = Acc<T>;
+  using V = typename Lanes<A>::type;
+  constexpr int L = static_cast<int>(sizeof(V) / sizeof(A)), P = kTok / L;  // P vectors per row
+  static_assert(kTok % L == 0, "kTok must be a multiple of the vector lanes");
+  // fewer than kRows rows repeat the first (in L1 already); their sums are not stored
+  const T *w0 = w[0], *w1 = w[nr > 1 ? 1 : 0], *w2 = w[nr > 2 ? 2 : 0], *w3 = w[nr > 3 ? 3 : 0];
+  V a0[P] = {}, a1[P] = {}, a2[P] = {}, a3[P] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    const A s0 = static_cast<A>(to_float(w0[i])), s1 = static_cast<A>(to_float(w1[i]));
+    const A s2 = static_cast<A>(to_float(w2[i])), s3 = static_cast<A>(to_float(w3[i]));
+    for (int p = 0; p < P; ++p) {
+      V xv;
+      std::memcpy(&xv, xg + i * kTok + p * L, sizeof xv);
+      a0[p] += s0 * xv;
+      a1[p] += s1 * xv;
+      a2[p] += s2 * xv;
+      a3[p] += s3 * xv;
     }
   }
-  for (int r = 0; r < nr; ++r)
-    for (int k = 0; k < kTok; ++k) out[r][k] = a[r][k];
+  std::memcpy(out[0], a0, sizeof a0);
+  if (nr > 1) std::memcpy(out[1], a1, sizeof a1);
+  if (nr > 2) std::memcpy(out[2], a2, sizeof a2);
+  if (nr > 3) std::memcpy(out[3], a3, sizeof a3);
 }
 
 // xg[i·kTok + k] = x[tok[k], cols[i]] (cols == nullptr: column i) for k < nt and tok[k] >= 0, else 0.
