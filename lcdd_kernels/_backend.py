@@ -26,6 +26,10 @@ KNOWN = ("triton", "cuda", "cpp", "torch", "reference")
 
 _state = threading.local()
 _global_override: str | None = None
+#: use_backend contexts open in any thread: while 0 (and no set_backend), a hot path can skip the
+#: thread-local lookup (a microsecond per call)
+_contexts = 0
+_contexts_lock = threading.Lock()
 
 
 def _check_name(name: str, allowed: Sequence[str], op: str) -> str:
@@ -51,7 +55,10 @@ def set_backend(name: str | None) -> None:
 def use_backend(name: str) -> Iterator[None]:
     """Context manager forcing a backend in this thread, e.g. ``with use_backend("torch"): ...``."""
     _check_name(name, KNOWN, "use_backend")
+    global _contexts
     prev = getattr(_state, "name", None)
+    with _contexts_lock:
+        _contexts += 1
     _state.name = None if name == "auto" else name
     try:
         yield
@@ -60,6 +67,8 @@ def use_backend(name: str) -> Iterator[None]:
             del _state.name
         else:
             _state.name = prev
+        with _contexts_lock:
+            _contexts -= 1
 
 
 def requested() -> str | None:

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "internal.h"
@@ -28,34 +29,38 @@ constexpr int kRows = 4;           // weight rows per micro-kernel
 constexpr int64_t kRowBlock = 16;  // output rows per task of the fused kernel
 constexpr int64_t kAddRows = 64;   // carrier rows per task of the add kernel
 
+// Eight lanes of accumulators as one GCC/Clang vector value (an AVX register; two SSE ones in a
+// portable build): the four rows' sums over kTok tokens stay in registers across the reduction.
+template <typename A> struct Lanes;
+template <> struct Lanes<float> { typedef float type __attribute__((vector_size(32))); };
+template <> struct Lanes<double> { typedef double type __attribute__((vector_size(32))); };
+
 // out[r][k] = Σ_i w[r][i]·xg[i·kTok + k] for r < nr (<= kRows).
 template <typename T>
 inline void micro(const T* const* w, int nr, int64_t n, const Acc<T>* xg, Acc<T> (*out)[kTok]) {
-  Acc<T> a[kRows][kTok] = {};
-  if (nr == kRows) {
-    for (int64_t i = 0; i < n; ++i) {
-      const Acc<T> w0 = to_float(w[0][i]), w1 = to_float(w[1][i]), w2 = to_float(w[2][i]), w3 = to_float(w[3][i]);
-      const Acc<T>* xv = xg + i * kTok;
-#pragma omp simd
-      for (int k = 0; k < kTok; ++k) {
-        a[0][k] += w0 * xv[k];
-        a[1][k] += w1 * xv[k];
-        a[2][k] += w2 * xv[k];
-        a[3][k] += w3 * xv[k];
-      }
-    }
-  } else {
-    for (int r = 0; r < nr; ++r) {
-      for (int64_t i = 0; i < n; ++i) {
-        const Acc<T> wr = to_float(w[r][i]);
-        const Acc<T>* xv = xg + i * kTok;
-#pragma omp simd
-        for (int k = 0; k < kTok; ++k) a[r][k] += wr * xv[k];
-      }
+  using A = Acc<T>;
+  using V = typename Lanes<A>::type;
+  constexpr int L = static_cast<int>(sizeof(V) / sizeof(A)), P = kTok / L;  // P vectors per row
+  static_assert(kTok % L == 0, "kTok must be a multiple of the vector lanes");
+  // fewer than kRows rows repeat the first (in L1 already); their sums are not stored
+  const T *w0 = w[0], *w1 = w[nr > 1 ? 1 : 0], *w2 = w[nr > 2 ? 2 : 0], *w3 = w[nr > 3 ? 3 : 0];
+  V a0[P] = {}, a1[P] = {}, a2[P] = {}, a3[P] = {};
+  for (int64_t i = 0; i < n; ++i) {
+    const A s0 = static_cast<A>(to_float(w0[i])), s1 = static_cast<A>(to_float(w1[i]));
+    const A s2 = static_cast<A>(to_float(w2[i])), s3 = static_cast<A>(to_float(w3[i]));
+    for (int p = 0; p < P; ++p) {
+      V xv;
+      std::memcpy(&xv, xg + i * kTok + p * L, sizeof xv);
+      a0[p] += s0 * xv;
+      a1[p] += s1 * xv;
+      a2[p] += s2 * xv;
+      a3[p] += s3 * xv;
     }
   }
-  for (int r = 0; r < nr; ++r)
-    for (int k = 0; k < kTok; ++k) out[r][k] = a[r][k];
+  std::memcpy(out[0], a0, sizeof a0);
+  if (nr > 1) std::memcpy(out[1], a1, sizeof a1);
+  if (nr > 2) std::memcpy(out[2], a2, sizeof a2);
+  if (nr > 3) std::memcpy(out[3], a3, sizeof a3);
 }
 
 // xg[i·kTok + k] = x[tok[k], cols[i]] (cols == nullptr: column i) for k < nt and tok[k] >= 0, else 0.
@@ -198,6 +203,28 @@ lcdd_status validate(const void* x, int64_t x_stride, const void* y, int64_t tok
   return check_views(cv, n_carriers, n_out, n_in, indices);
 }
 
+// f(0) .. f(n - 1): shared out over the enclosing parallel region's threads (`team`), or a plain
+// loop (a serial call must not bind an orphaned `omp for` to a caller's parallel region).
+template <typename F>
+inline void static_tasks(bool team, int64_t n, F&& f) {
+  if (!team) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+#pragma omp for schedule(static)
+  for (int64_t i = 0; i < n; ++i) f(i);
+}
+
+template <typename F>
+inline void dynamic_tasks(bool team, int64_t n, F&& f) {
+  if (!team) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+    return;
+  }
+#pragma omp for schedule(dynamic)
+  for (int64_t i = 0; i < n; ++i) f(i);
+}
+
 // Per-thread scratch that only grows: a decode-sized call allocates (and zero-fills) nothing.
 template <typename A>
 A* scratch(int slot, int64_t n) {
@@ -208,7 +235,7 @@ A* scratch(int slot, int64_t n) {
 
 // The fused projection. Tasks are (chunk of kTok tokens, block of kRowBlock output rows): the base
 // rows of the block, then, per carrier used by a token of the chunk, its rows inside the block with
-// x gathered at its columns (tokens of other carriers masked to zero).
+// x gathered at its columns for its own tokens of the chunk (compacted).
 template <typename T>
 void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t tokens, int64_t n_out,
             int64_t n_in, const lcdd_carrier_view* cv, const Routing& rt) {
@@ -221,8 +248,9 @@ void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t 
   }
   const int64_t tasks = chunks * blocks;
   const bool par = tasks > 1 && tokens * n_out * n_in > lcdd::kMinParallelWork;
-#pragma omp parallel num_threads(lcdd::threads()) if (par)
-  {
+  // a serial call skips the parallel region: entering one, even with if(false), costs a
+  // microsecond or two, which a decode step pays per projection
+  auto body = [&](bool team) {
     // scratch: x of a chunk, token-innermost (base rows: every column; carriers: their columns);
     // a few-token chunk reads the base columns of x in place
     Acc<T>* const xb = scratch<Acc<T>>(0, tokens > kFewTokens ? n_in * kTok : 0);
@@ -233,8 +261,7 @@ void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t 
     int64_t xb_chunk = -1, xg_chunk = -1;
     Acc<T> acc[kRowBlock][kTok];
     Acc<T> part[kRows][kTok];
-#pragma omp for schedule(static)
-    for (int64_t task = 0; task < tasks; ++task) {
+    static_tasks(team, tasks, [&](int64_t task) {
       const int64_t ch = task / blocks, n0 = (task % blocks) * kRowBlock, n1 = std::min(n_out, n0 + kRowBlock);
       const int64_t t0 = ch * kTok;
       const int nt = static_cast<int>(std::min<int64_t>(kTok, tokens - t0));
@@ -258,16 +285,21 @@ void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t 
       xg_chunk = ch;
       for (size_t u = 0; u < rt.used.size(); ++u) {
         const int64_t c = rt.used[u];
+        // the carrier's tokens of the chunk, compacted (lane q is the chunk's token pos[q]): with
+        // several carriers in a chunk each computes its own tokens only, not every lane masked
         int64_t tok[kTok];
-        bool any = false;
-        for (int k = 0; k < kTok; ++k) {
-          tok[k] = (k < nt && carrier_of[t0 + k] == c) ? t0 + k : -1;
-          any |= tok[k] >= 0;
+        int pos[kTok];
+        int m = 0;
+        for (int k = 0; k < nt; ++k) {
+          if (carrier_of[t0 + k] != c) continue;
+          tok[m] = t0 + k;
+          pos[m++] = k;
         }
-        if (!any) continue;
+        if (m == 0) continue;
+        for (int q = m; q < kTok; ++q) tok[q] = -1;
         const lcdd_carrier_view& v = cv[c];
         Acc<T>* const xgc = xg + static_cast<int64_t>(u) * xg_stride;
-        if (gather) prepare_tokens(x, xs, tok, nt, v.cols, v.n_cols, xgc);
+        if (gather) prepare_tokens(x, xs, tok, m, v.cols, v.n_cols, xgc);
         const int64_t j0 = std::lower_bound(v.rows, v.rows + v.n_rows, static_cast<int32_t>(n0)) - v.rows;
         const int64_t j1 = std::lower_bound(v.rows + j0, v.rows + v.n_rows, static_cast<int32_t>(n1)) - v.rows;
         if (j0 == j1) continue;
@@ -276,14 +308,20 @@ void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t 
           const int nr = static_cast<int>(std::min<int64_t>(kRows, j1 - j));
           const T* w[kRows];
           for (int r = 0; r < nr; ++r) w[r] = delta + (j + r) * v.n_cols;
-          rows_times_tokens(w, nr, x, xs, tok, nt, v.cols, v.n_cols, xgc, part);
+          rows_times_tokens(w, nr, x, xs, tok, m, v.cols, v.n_cols, xgc, part);
           for (int r = 0; r < nr; ++r)
-            for (int k = 0; k < nt; ++k) acc[v.rows[j + r] - n0][k] += part[r][k];  // lanes past nt are unset
+            for (int q = 0; q < m; ++q) acc[v.rows[j + r] - n0][pos[q]] += part[r][q];  // lanes past m are unset
         }
       }
       for (int k = 0; k < nt; ++k)
         for (int64_t n = n0; n < n1; ++n) y[(t0 + k) * n_out + n] = from_acc<T>(acc[n - n0][k]);
-    }
+    });
+  };
+  if (par) {
+#pragma omp parallel num_threads(lcdd::threads())
+    body(true);
+  } else {
+    body(false);
   }
 }
 
@@ -303,12 +341,10 @@ void add(const T* x, int64_t xs, T* y, int64_t n_out, const lcdd_carrier_view* c
   }
   const int64_t n_tasks = static_cast<int64_t>(tasks.size());
   const bool par = n_tasks > 1 && work > lcdd::kMinParallelWork;
-#pragma omp parallel num_threads(lcdd::threads()) if (par)
-  {
+  auto body = [&](bool team) {
     Acc<T>* const xg = scratch<Acc<T>>(1, max_cols * kTok);
     Acc<T> part[kRows][kTok];
-#pragma omp for schedule(dynamic)
-    for (int64_t it = 0; it < n_tasks; ++it) {
+    dynamic_tasks(team, n_tasks, [&](int64_t it) {
       const Task& task = tasks[it];
       const lcdd_carrier_view& v = cv[task.c];
       const int64_t* tok = rt.tokens[task.c].data() + task.tok;
@@ -328,7 +364,13 @@ void add(const T* x, int64_t xs, T* y, int64_t n_out, const lcdd_carrier_view* c
           }
         }
       }
-    }
+    });
+  };
+  if (par) {
+#pragma omp parallel num_threads(lcdd::threads())
+    body(true);
+  } else {
+    body(false);
   }
 }
 

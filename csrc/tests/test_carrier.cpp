@@ -37,7 +37,11 @@ std::vector<int32_t> pick(int64_t n, int64_t step, int64_t offset) {
 }
 
 template <typename T>
-void run_case(lcdd_dtype dt, int64_t tokens, int64_t n_out, int64_t n_in, bool with_ids, double tol) {
+// ids patterns: 0 cycles through -1, 0..3; 1 puts the tokens in 4 contiguous blocks (a chunk of 16
+// tokens holds several carriers, each with more or fewer tokens than the few-token path takes);
+// 2 gives every token carrier 0.
+void run_case(lcdd_dtype dt, int64_t tokens, int64_t n_out, int64_t n_in, bool with_ids, double tol,
+              int pattern = 0) {
   const int64_t xs = n_in + 3;  // padded rows: a strided x
   std::vector<T> x(tokens * xs), base(n_out * n_in), bias(n_out);
   std::vector<double> xd(tokens * xs), based(n_out * n_in), biasd(n_out);
@@ -80,6 +84,8 @@ void run_case(lcdd_dtype dt, int64_t tokens, int64_t n_out, int64_t n_in, bool w
   for (int64_t t = 0; t < tokens; ++t) ids[t] = static_cast<int32_t>(t % 6) - 1;  // -1, 0..3, 4 -> see below
   for (int64_t t = 0; t < tokens; ++t)
     if (ids[t] > 3) ids[t] = 0;
+  for (int64_t t = 0; t < tokens && pattern > 0; ++t)
+    ids[t] = pattern == 1 ? static_cast<int32_t>(t * 4 / tokens) : 0;
 
   // naive reference
   std::vector<double> ref(tokens * n_out);
@@ -217,6 +223,16 @@ int main() {
       // 16-bit: fp32 accumulation, one rounding of an output of magnitude up to ~2k
       run_case<lcdd::bf16_t>(LCDD_BFLOAT16, s[0], s[1], s[2], with_ids, 8e-3 * k);
       run_case<lcdd::half_t>(LCDD_FLOAT16, s[0], s[1], s[2], with_ids, 1e-3 * k);
+    }
+  }
+  // several carriers inside one token chunk, and a whole batch on one carrier
+  const int64_t mixed[][3] = {{16, 41, 35}, {40, 33, 130}, {13, 9, 21}};
+  for (const auto& s : mixed) {
+    for (int pattern : {1, 2}) {
+      const double k = static_cast<double>(s[2]) + 1;
+      run_case<float>(LCDD_FLOAT32, s[0], s[1], s[2], true, 1e-5 * k, pattern);
+      run_case<double>(LCDD_FLOAT64, s[0], s[1], s[2], true, 1e-12 * k, pattern);
+      run_case<lcdd::bf16_t>(LCDD_BFLOAT16, s[0], s[1], s[2], true, 8e-3 * k, pattern);
     }
   }
   bad_inputs();

@@ -33,6 +33,11 @@ Timing: on a GPU, ``do_bench`` medians. On a CPU (often shared), after a short w
 providers of each group run again in alternation and the process's CPU time per call (minimum
 over the repeats, ``cpu_ms_min``) gives the ratios (``cost_vs_baseline``) and bandwidths.
 
+Group ``decode-step/qwen3-0.6b-4l`` (CPU; ``--no-step`` skips it): one forward of 4 sequences x 1
+token over a KV cache of 64 tokens (cropped back after each call) of a model with Qwen3-0.6B's
+decoder layers (4 of them; vocabulary 4096); ``base`` plain, ``plan`` served by a bank of 4
+carriers at s = 0.8, one per sequence (every projection through the prepared path).
+
 Group ``generate/<model>`` (mode ``forward``): ``model.generate`` of 4 sequences, greedy, KV
 cache; ``base`` plain model, ``merged`` one carrier merged, ``naive`` one carrier through
 ``apply_carrier`` (index ops), ``lcdd`` a bank of 4 carriers, one per sequence; ``tokens_per_s``.
@@ -202,7 +207,8 @@ def _gen_world(model_name: str, device: str, dtype: torch.dtype, s: float):
                                 seed=seed, init_mean=mean, init_std=1.0, non_projection="base")
             carriers.append(extract_carrier(handle, include_theta=False))
             del handle
-        _GEN_CACHE.clear()
+        for other in [k for k in _GEN_CACHE if k[2] != dtype]:  # one dtype's worlds at a time
+            del _GEN_CACHE[other]
         _GEN_CACHE[key] = carriers
     return _GEN_CACHE[key]
 
@@ -211,7 +217,7 @@ def _gen_model(name: str, seed: int, device: str, dtype: torch.dtype):
     from ..models.tiny import tiny_model
     from .decoder import MODELS
 
-    family, over = ("qwen3", {}) if name == "tiny" else MODELS[name]
+    family, over = ("qwen3", {}) if name == "tiny" else STEP_MODELS[name] if name in STEP_MODELS else MODELS[name]
     return tiny_model(family, seed, dtype, **over).to(device).eval()
 
 
@@ -251,9 +257,73 @@ def setup_generate(case: dict, provider: str, device: str, dtype: str, backend: 
     return common.Prepared(run, [], list(model.parameters()), wbytes, info)
 
 
+# ------------------------------------------------------------------------------ decode step
+
+#: Qwen3-0.6B's decoder layers (hidden 1024, 16 q / 8 kv heads of 128, intermediate 3072), 4 of them.
+#: The vocabulary is cut to 4096: carriers act on the layers' projections, and Qwen3-0.6B's
+#: 151936-word tied head (155 M weights against the 4 layers' 61 M) would dilute every ratio.
+STEP_MODELS = {"qwen3-0.6b-4l": ("qwen3", dict(vocab_size=4096, hidden_size=1024, intermediate_size=3072,
+                                               num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=8,
+                                               head_dim=128, tie_word_embeddings=True,
+                                               max_position_embeddings=4096))}
+STEP_MODEL, STEP_BATCH, STEP_CONTEXT = "qwen3-0.6b-4l", 4, 64
+#: providers of the decode-step group
+STEP_PROVIDERS = ("base", "plan")
+
+
+def setup_decode_step(case: dict, provider: str, device: str, dtype: str, backend: str | None = None,
+                      seed: int = 0) -> common.Prepared:
+    """One decode step of STEP_BATCH sequences x 1 token over a KV cache of STEP_CONTEXT tokens
+    (cropped back after every call, so every repeat sees the same context): ``base`` the plain
+    model, ``plan`` the model served by a bank of 4 carriers, one per sequence."""
+    import inspect
+
+    from transformers import DynamicCache
+
+    from .. import _backend
+    from ..carriers.bank import apply_carrier_bank
+
+    if provider not in STEP_PROVIDERS:
+        raise ValueError(f"the decode-step group runs {STEP_PROVIDERS}, not {provider!r}")
+    dt = common.DTYPES[dtype]
+    carriers = _gen_world(case["model"], device, dt, case["s"])
+    model = _gen_model(case["model"], 0, device, dt)
+    model.config.use_cache = True
+    g = torch.Generator().manual_seed(seed)
+    vocab = model.config.vocab_size
+    prompt = torch.randint(4, vocab, (STEP_BATCH, STEP_CONTEXT), generator=g).to(device)
+    step = torch.randint(4, vocab, (STEP_BATCH, 1), generator=g).to(device)
+    bank = apply_carrier_bank(model, carriers) if provider == "plan" else None
+    cache = DynamicCache()
+    # transformers >= 5.2x names the argument `cache` (past_key_values warns), 4.5x past_key_values
+    kv = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.no_grad():
+        model(input_ids=prompt, use_cache=True, **{kv: cache})  # the context, built once (base weights)
+    position = torch.full((STEP_BATCH, 1), STEP_CONTEXT, device=device)
+    info = {"context": STEP_CONTEXT}
+
+    def decode():
+        with torch.no_grad():
+            y = model(input_ids=step, position_ids=position, use_cache=True, **{kv: cache}).logits
+        cache.crop(-1)  # the step's token out again
+        return y
+
+    run = decode
+    if bank is not None:
+        info["bank_mib"] = bank.nbytes() / common.MIB
+
+        def run():
+            with bank.carriers([0, 1, 2, 3]), (_backend.use_backend(backend) if backend else nullcontext()):
+                return decode()
+
+    wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return common.Prepared(run, [], list(model.parameters()), wbytes, info)
+
+
 def prepare(case: dict, provider: str, device: str, dtype: str, **options) -> common.Prepared:
     """The suite's setup entry point (see lcdd_kernels.bench.common.run_matrix)."""
-    return (setup_generate if case["op"] == "generate" else setup_linear)(case, provider, device, dtype, **options)
+    setup = {"generate": setup_generate, "decode-step": setup_decode_step}.get(case["op"], setup_linear)
+    return setup(case, provider, device, dtype, **options)
 
 
 def cases(models, tokens, sparsities, mixes, projs=None) -> list[dict]:
@@ -358,9 +428,9 @@ def _ratio(g, provider="plan"):
     return _ratio_row(g[provider])
 
 
-def _gen(g: dict) -> bool:
+def _gen(g: dict, op: str = "generate") -> bool:
     r = next(iter(g.values()))
-    return r.get("op") == "generate" and all(p in g and common.call_ms(g[p]) for p in ("base", "plan"))
+    return r.get("op") == op and all(p in g and common.call_ms(g[p]) for p in ("base", "plan"))
 
 
 #: The prepared path's targets: a carrier costs its own bytes over the base and nothing more
@@ -379,6 +449,9 @@ TARGETS = [
                   lambda g: common.call_ms(g["plan"]) / common.call_ms(g["naive"]), 1.0),
     common.Target("decode-step", "generate with a bank of 4 carriers, one per sequence: plan/base <= 1.10",
                   _gen, _ratio, 1.10),
+    common.Target("decode-step-model", "decode step of a Qwen3-0.6B-shaped model (4 layers, 4 sequences x 1 "
+                  "token, KV cache) with a bank of 4 carriers, one per sequence: plan/base <= 1.10",
+                  lambda g: _gen(g, "decode-step"), _ratio, 1.10),
 ]
 
 
@@ -399,6 +472,8 @@ def add_arguments(p) -> None:
                    help="comma list of dtypes run one after the other into one table (overrides --dtype), "
                         "e.g. float32,bfloat16")
     p.add_argument("--no-overhead", action="store_true", help="skip the per-call host overhead group (CPU)")
+    p.add_argument("--no-step", action="store_true",
+                   help="skip the decode-step group (CPU): a Qwen3-0.6B-shaped 4-layer model, 4 sequences x 1 token")
 
 
 #: the host-overhead group: a projection so small that the arithmetic is negligible
@@ -443,6 +518,8 @@ def run(args) -> int:
         gen_providers.append("lcdd")  # the same bank-served model
     gen = [{"group": f"generate/{gen_model} B={GEN_BATCH} new={GEN_NEW}", "op": "generate", "model": gen_model,
             "s": 0.8}]
+    step = [{"group": f"decode-step/{STEP_MODEL} B={STEP_BATCH} context={STEP_CONTEXT}", "op": "decode-step",
+             "model": STEP_MODEL, "s": 0.8}]
     rows: list[dict] = []
     for dt in dtypes:
         part = common.run_matrix(SUITE, PREPARE, todo, args.providers, ("forward",), device, dt, BASELINE,
@@ -453,6 +530,12 @@ def run(args) -> int:
                                                         BASELINE, options=options, budget_s=wall_budget,
                                                         memory=False), BASELINE)
             timed = todo + gen
+        if cpu and not args.no_step:
+            step_providers = [p for p in args.providers if p in STEP_PROVIDERS]
+            part += common.add_ratios(common.run_matrix(SUITE, PREPARE, step, step_providers, ("forward",), device,
+                                                        dt, BASELINE, options=options, budget_s=wall_budget,
+                                                        memory=False), BASELINE)
+            timed = timed + step
         if cpu:
             retime_cpu(part, timed, args.providers, device, dt, options, args.budget)
         rows += part

@@ -77,7 +77,7 @@ class _Active:
 
     seq_ids: torch.Tensor  # (S,) int32 on the bank's device, or a 0-d tensor for "every sequence"
     any_carrier: bool
-    token_ids: dict  # (batch, tokens per sequence, device) -> (T,) int32
+    token_ids: dict  # x's leading dimensions (a torch.Size) -> (T,) int32
 
 
 class CarrierBank:
@@ -115,6 +115,7 @@ class CarrierBank:
         #: path -> ((1 + slots, *shape) values, row 0 zeros; (1 + slots,) bool: who has one), by _changed
         self._dense_tables: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._dense_paths: frozenset[str] = frozenset()  # paths some carrier in the bank has a dense part for
+        self._generation = 0  # counts changes of the carriers: what a cached plan is checked against
 
     # ----- managing carriers ---------------------------------------------------------------
 
@@ -269,6 +270,7 @@ class CarrierBank:
         return key
 
     def _changed(self) -> None:
+        self._generation += 1  # a BankLinear's cached plan is stale from here
         used = list(self._tables)
         self._tables.clear()
         self._plans.clear()
@@ -430,11 +432,13 @@ class CarrierBank:
         compiling = torch.compiler.is_compiling()
         if not compiling and not a.any_carrier:
             return None
-        batch = x.shape[0] if x.dim() > 1 else 1
-        per_seq = math.prod(x.shape[1:-1]) if x.dim() > 1 else 1
-        key = (batch, per_seq, x.device)
+        # keyed by x's leading dimensions, which fix batch and tokens per sequence (the ids live
+        # on the bank's device whatever x's is, and a plan refuses an x on another device)
+        key = x.shape[:-1]
         ids = None if compiling else a.token_ids.get(key)
         if ids is None:
+            batch = key[0] if len(key) else 1
+            per_seq = math.prod(key[1:]) if len(key) else 1
             s = a.seq_ids
             # contiguous once here, not per projection
             if s.dim() == 0:
@@ -470,21 +474,31 @@ class BankLinear(nn.Module):
         self.weight = linear.weight
         self.bias = linear.bias
         self.bank, self.path = bank, path
+        self._plan, self._generation = None, -1
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, carriers={self.bank.ids}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ids = self.bank.token_ids(x)
+        bank = self.bank
+        ids = bank.token_ids(x)
+        weight, bias = self.weight, self.bias  # one module attribute lookup each (a microsecond)
         if ids is None:
-            return F.linear(x, self.weight, self.bias)
-        # the prepared path: the carriers were checked when added, the ids when the context opened
-        plan = self.bank.plan(self.path, self.weight.shape)
-        if self.bias is not None and self.bank.has_dense(f"{self.path}.bias"):
+            return F.linear(x, weight, bias)
+        # the prepared path: the carriers were checked when added, the ids when the context opened;
+        # the plan is looked up once per change of the bank, not per call
+        if torch.compiler.is_compiling():  # traced: no guards on the eager cache below
+            plan = bank.plan(self.path, weight.shape)
+        else:
+            plan = self._plan
+            if plan is None or self._generation != bank._generation:
+                plan = self._plan = bank.plan(self.path, weight.shape)
+                self._generation = bank._generation
+        if bias is not None and bank.has_dense(f"{self.path}.bias"):
             # a carrier brings its own bias: x·Bᵀ (+ carrier rows), then each token's bias row
-            y = plan(x, self.weight, None, ids)
-            return y + self.bank.dense_rows(f"{self.path}.bias", self.bias, ids).view(y.shape).to(y.dtype)
-        return plan(x, self.weight, self.bias, ids)
+            y = plan(x, weight, None, ids)
+            return y + bank.dense_rows(f"{self.path}.bias", bias, ids).view(y.shape).to(y.dtype)
+        return plan(x, weight, bias, ids)
 
 
 def _carrier_list(carriers, verify=None) -> list[tuple[str | None, object]]:

@@ -42,6 +42,9 @@ from .carrier import CarrierTable, _select, ids_or_base
 
 __all__ = ["CarrierPlan", "FUSED_MAX_TOKENS"]
 
+# one C call that is False outside any autocast region (the per-device query parses its argument)
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+
 _NATIVE = (None, "auto", "cpp")
 
 #: float32 / float64 batches above this many tokens run PyTorch's GEMM then the native carrier
@@ -149,6 +152,7 @@ class CarrierPlan:
         # use_backend(...) / set_backend(...) are followed per call
         env = os.environ.get("LCDD_BACKEND", "").strip().lower()
         self._env = None if env in ("", "auto") else env
+        self._env_native = self._env in _NATIVE
         self._views = _native.ptr(table.views)
         self._wshape, self._bshape = torch.Size((self.out_features, self.in_features)), torch.Size((self.out_features,))
         self._slots = len(table)
@@ -177,17 +181,19 @@ class CarrierPlan:
             (..., N) in x's dtype. Differentiable in x (through the registered op) when autograd
             records; base weight, bias and deltas are constants.
         """
-        n, k = self.out_features, self.in_features
         # autograd (x's gradient, or a clear refusal of weights that want one) and tracing go
-        # through the registered op; everything else here is attribute reads (each costs ~0.1 µs
+        # through the registered op; everything else here is attribute reads (each costs ~0.1-0.4 µs
         # on an idle core: this is the path a serving loop calls per projection and token)
         if (self._cpu and x.is_cpu and x.dtype is self.dtype and base_weight.dtype is self.dtype
                 and not (torch.is_grad_enabled() and (x.requires_grad or base_weight.requires_grad
                                                       or (bias is not None and bias.requires_grad)))
-                and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
-                and (getattr(_backend._state, "name", None) or _backend._global_override or self._env) in _NATIVE):
-            return self._cpu_call(x, base_weight, bias, slot_ids, n, k)
-        return self._op_call(x, base_weight, bias, slot_ids, n, k)
+                and not (_any_autocast() and torch.is_autocast_enabled("cpu"))
+                and not torch.compiler.is_compiling()
+                and (self._env_native if not (_backend._contexts or _backend._global_override)
+                     else (getattr(_backend._state, "name", None) or _backend._global_override
+                           or self._env) in _NATIVE)):
+            return self._cpu_call(x, base_weight, bias, slot_ids)
+        return self._op_call(x, base_weight, bias, slot_ids, self.out_features, self.in_features)
 
     def add_(self, out: torch.Tensor, x: torch.Tensor, slot_ids: torch.Tensor) -> torch.Tensor:
         """``out[t, rows_c] += x[t, cols_c]·Δ_cᵀ`` with ``c = slot_ids[t]``: the carriers alone,
@@ -247,46 +253,68 @@ class CarrierPlan:
             raise ValueError(f"CarrierPlan: slot_ids must have shape ({t},) (one per token of x), "
                              f"got {tuple(ids.shape)}")
 
-    def _cpu_call(self, x, base_weight, bias, ids, n, k):
-        flat = x.dim() == 2
-        t = x.shape[0] if flat else math.prod(x.shape[:-1])
-        if base_weight.shape != self._wshape or x.shape[-1] != k or not (
-                bias is None or bias.shape == self._bshape) or not (ids is None or ids.shape == (t,)):
-            self._shapes(x, base_weight, bias, ids, t, n, k)
-        if not base_weight.is_cpu or (bias is not None and (not bias.is_cpu or bias.dtype is not self.dtype)):
-            raise ValueError(f"CarrierPlan: base_weight and bias must be {self.dtype} CPU tensors like x")
-        if not base_weight.is_contiguous() or (bias is not None and not bias.is_contiguous()):
-            raise ValueError("CarrierPlan: base_weight and bias must be contiguous (the native call reads raw "
-                             "rows); pass .contiguous() once, not per call")
-        x2 = x if flat else x.reshape(t, k)
-        if not x2.is_contiguous() or x2.stride(0) < k:  # an expanded x (even one row): rows must lie K apart
-            x2 = x2.clone(memory_format=torch.contiguous_format)
+    def _cpu_call(self, x, base_weight, bias, ids):
+        n, k = self.out_features, self.in_features
+        shape = x.shape  # one torch.Size, read below instead of x.shape per use
+        nd = len(shape)
+        t = shape[0] if nd == 2 else math.prod(shape[:-1])
+        if not (shape[-1] == k and base_weight.shape == self._wshape and base_weight.is_cpu
+                and base_weight.is_contiguous()):
+            self._refuse(x, base_weight, bias, ids, t)
+        if bias is not None and not (bias.shape == self._bshape and bias.is_cpu and bias.dtype is self.dtype
+                                     and bias.is_contiguous()):
+            self._refuse(x, base_weight, bias, ids, t)
         ids_ptr = 0
         if ids is not None:
-            if not ids.is_cpu:
-                raise ValueError(f"CarrierPlan: slot_ids is on {ids.device}, x on the CPU")
-            if ids.dtype is not torch.int32:
-                if ids.dtype is not torch.int64:
-                    raise TypeError(f"CarrierPlan: slot_ids must be int32 (or int64) ids, got {ids.dtype}")
-                ids = ids_or_base(ids, self._slots).to(torch.int32)  # an int64 id could wrap into range
-            if not ids.is_contiguous():
-                ids = ids.contiguous()
+            if not (ids.dtype is torch.int32 and ids.is_cpu and ids.shape == (t,) and ids.is_contiguous()):
+                ids = self._cpu_ids(x, base_weight, bias, ids, t)
             ids_ptr = ids.data_ptr()
+        # rows K apart: a contiguous x as it is (whatever the stride of a single row says), a 2-D
+        # x with row padding by its stride, anything else (expanded, transposed) copied once
+        if x.is_contiguous():
+            x2, xs = x, k
+        elif nd == 2 and x.stride(-1) == 1 and x.stride(0) >= k:
+            x2, xs = x, x.stride(0)
+        else:
+            x2, xs = x.reshape(t, k).contiguous(), k
         n_views = self._slots if ids is not None or self._slots < 1 else 1  # no ids: slot 0 on every token
-        y = x.new_empty((t, n))
+        # the output in its final shape (a view after the fact costs a microsecond)
+        y = x.new_empty(t, n) if nd == 2 else x.new_empty(shape[0], shape[1], n) if nd == 3 else \
+            x.new_empty((*shape[:-1], n))
         lib = _native.lib()
         if t <= self._fused_max:
-            lib.carrier_linear_prepared_cpu(x2.data_ptr(), x2.stride(0), base_weight.data_ptr(),
+            lib.carrier_linear_prepared_cpu(x2.data_ptr(), xs, base_weight.data_ptr(),
                                             0 if bias is None else bias.data_ptr(), y.data_ptr(), t, n, k,
                                             self._code, self._views, n_views, ids_ptr)
+            return y
+        xm, ym = x2.reshape(t, k) if xs == k else x2, y.view(t, n)
+        if bias is None:
+            torch.mm(xm, base_weight.t(), out=ym)
         else:
-            if bias is None:
-                torch.mm(x2, base_weight.t(), out=y)
-            else:
-                torch.addmm(bias, x2, base_weight.t(), out=y)
-            lib.carrier_add_prepared_cpu(x2.data_ptr(), x2.stride(0), y.data_ptr(), t, n, k, self._code,
-                                         self._views, n_views, ids_ptr)
-        return y if flat else y.view(*x.shape[:-1], n)
+            torch.addmm(bias, xm, base_weight.t(), out=ym)
+        lib.carrier_add_prepared_cpu(xm.data_ptr(), xs, ym.data_ptr(), t, n, k, self._code, self._views, n_views,
+                                     ids_ptr)
+        return y
+
+    def _refuse(self, x, base_weight, bias, ids, t) -> None:
+        """Raise the error that names what a CPU call got wrong."""
+        self._shapes(x, base_weight, bias, ids, t, self.out_features, self.in_features)
+        if not base_weight.is_cpu or (bias is not None and (not bias.is_cpu or bias.dtype is not self.dtype)):
+            raise ValueError(f"CarrierPlan: base_weight and bias must be {self.dtype} CPU tensors like x")
+        raise ValueError("CarrierPlan: base_weight and bias must be contiguous (the native call reads raw "
+                         "rows); pass .contiguous() once, not per call")
+
+    def _cpu_ids(self, x, base_weight, bias, ids, t) -> torch.Tensor:
+        """``ids`` as the native call reads them (contiguous int32 on the CPU), or the error."""
+        if ids.shape != (t,):
+            self._shapes(x, base_weight, bias, ids, t, self.out_features, self.in_features)
+        if not ids.is_cpu:
+            raise ValueError(f"CarrierPlan: slot_ids is on {ids.device}, x on the CPU")
+        if ids.dtype is not torch.int32:
+            if ids.dtype is not torch.int64:
+                raise TypeError(f"CarrierPlan: slot_ids must be int32 (or int64) ids, got {ids.dtype}")
+            ids = ids_or_base(ids, self._slots).to(torch.int32)  # an int64 id could wrap into range
+        return ids.contiguous()
 
     def _op_call(self, x, base_weight, bias, ids, n, k):
         from .carrier import _autocast, _prepare

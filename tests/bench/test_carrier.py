@@ -8,7 +8,8 @@ import json
 import pytest
 import torch
 
-from lcdd_kernels.bench.carrier import PROVIDERS, cases, setup_linear, token_ids
+from lcdd_kernels import use_backend
+from lcdd_kernels.bench.carrier import PROVIDERS, cases, setup_decode_step, setup_linear, token_ids
 from lcdd_kernels.cli import main
 
 
@@ -32,10 +33,26 @@ def test_token_ids_and_cases():
 def test_cli_tiny_run(tmp_path):
     out = tmp_path / "carrier.json"
     rc = main(["bench", "carrier", "--models", "tiny", "--T", "4,600", "--mixes", "0,1", "--sparsity", "0.8",
-               "--no-memory", "--no-generate", "--budget", "0.01", "--device", "cpu", "--out", str(out)])
+               "--no-memory", "--no-generate", "--no-step", "--budget", "0.01", "--device", "cpu", "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
     rows = [r for r in data["rows"] if r["provider"] == "lcdd"]
     assert rows and all(r.get("gbps") and r.get("floor_bytes") for r in rows)
     assert {t["target"] for t in data["targets"]} >= {"decode-one", "decode-none", "prefill"}
     assert all(t["status"] in ("pass", "miss") for t in data["targets"] if t["target"] in ("decode-one", "prefill"))
+
+
+def test_decode_step_keeps_its_context_and_applies_the_bank():
+    """The decode-step group (here on the tiny model, not the 0.6B-shaped one): every repeat sees
+    the same KV cache, the bank's step differs from the base's, and it equals the same bank through
+    the registered op's torch path."""
+    case = {"op": "decode-step", "model": "tiny", "s": 0.8}
+    base, plan = (setup_decode_step(case, p, "cpu", "float32") for p in ("base", "plan"))
+    first = base.forward()
+    assert torch.equal(base.forward(), first)
+    got = plan.forward()
+    assert got.shape == first.shape and not torch.allclose(got, first)
+    with use_backend("torch"):
+        want = plan.forward()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(plan.forward(), got)

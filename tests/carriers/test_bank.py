@@ -202,3 +202,23 @@ def test_merged_model_serves_a_bank(carriers):
         L.apply_carrier_bank(model, carriers[1:2])
     L.unmerge_carrier_(model, carriers[0])
     L.apply_carrier_bank(model, carriers[1:2]).restore()
+
+
+def test_patched_projections_follow_a_changed_bank(carriers):
+    """A projection caches its plan between calls; a carrier removed and another added in its
+    slot (the same id) must be what the next forward serves."""
+    ids, mask = _batch()
+    model = _base()
+    bank = L.apply_carrier_bank(model, [carriers[0]])
+    with torch.no_grad(), bank.carriers([0] * 4):
+        first = model(input_ids=ids, attention_mask=mask).logits
+    bank.remove(0)
+    assert bank.add(carriers[1]) == 0
+    with torch.no_grad(), bank.carriers([0] * 4):
+        second = model(input_ids=ids, attention_mask=mask).logits
+    fresh = _base()
+    fresh_bank = L.apply_carrier_bank(fresh, [carriers[1]])
+    with torch.no_grad(), fresh_bank.carriers([0] * 4):
+        want = fresh(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(second, want)
+    assert not torch.allclose(first, second)

@@ -260,3 +260,77 @@ def test_plan_takes_a_row_with_stride_zero():
     want = bank_linear_ref(row[None].double(), w.double(), _cast(_carriers(n, k), torch.float64), ids)
     assert_close("stride-0 row", got, want)
     assert_close("stride-0 row add_", out, want - row[None].double() @ w.double().t())
+
+
+@pytest.mark.parametrize("t", [3, FUSED_MAX_TOKENS + 5])
+@pytest.mark.parametrize("layout", ["3d", "3d-transposed", "2d-padded", "1d"])
+def test_plan_reads_every_layout_of_x(t, layout):
+    """The CPU call passes x's own pointer and row stride where it can: contiguous (..., K), rows
+    padded apart; anything else is copied once. Every layout gives the reference."""
+    n, k = 23, 19
+    g = torch.Generator().manual_seed(t)
+    w = torch.randn(n, k, generator=g)
+    cs = _carriers(n, k, seed=t)
+    if layout == "3d":
+        x = torch.randn(t, 1, k, generator=g)
+    elif layout == "3d-transposed":
+        x = torch.randn(1, t, k, generator=g).transpose(0, 1)
+    elif layout == "2d-padded":
+        x = torch.randn(t, k + 6, generator=g)[:, 3:3 + k]
+    else:
+        x = torch.randn(k, generator=g)
+    tokens = x.numel() // k
+    ids = torch.tensor([(i % 6) - 1 for i in range(tokens)], dtype=torch.int32)
+    with torch.no_grad():
+        got = CarrierPlan(w, cs)(x, w, None, ids)
+    want = bank_linear_ref(x.reshape(tokens, k).double(), w.double(), _cast(cs, torch.float64), ids)
+    assert got.shape == (*x.shape[:-1], n)
+    assert_close(f"{layout} T={tokens}", got.reshape(tokens, n), want)
+
+
+@pytest.mark.skipif(not _backend.native_available(), reason="needs lcdd_kernels._C")
+def test_plan_follows_use_backend_per_call(monkeypatch):
+    """Outside any use_backend context the call skips the thread-local lookup; inside one, the
+    forced backend runs (not the native call), and the count of open contexts returns to zero."""
+    from lcdd_kernels.ops import _native
+
+    n, k = 12, 10
+    w, x = torch.randn(n, k), torch.randn(2, k)
+    ids = torch.tensor([0, -1], dtype=torch.int32)
+    plan = CarrierPlan(w, _carriers(n, k))
+    want = bank_linear_ref(x.double(), w.double(), _cast(_carriers(n, k), torch.float64), ids)
+    with torch.no_grad():
+        assert_close("native", plan(x, w, None, ids), want)
+        lib = _native.lib()
+
+        class NoNative:
+            def __getattr__(self, name):
+                if name.startswith("carrier_linear") or name.startswith("carrier_add"):
+                    raise AssertionError(f"{name} called under use_backend('torch')")
+                return getattr(lib, name)
+
+        monkeypatch.setattr(_native, "lib", lambda: NoNative())
+        with L.use_backend("torch"):
+            assert_close("torch backend", plan(x, w, None, ids), want)
+    assert _backend._contexts == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ids", [
+    [0] * 6 + [1] * 5 + [-1] * 5,          # two carriers above the few-token path in one chunk, and base tokens
+    [3, 0, 3, 3, 0, 3, 3, 9, 3, 3, 1, 3, 3],  # one carrier's many tokens around others', one id out of range
+    [1] * 16,                                # a whole chunk on one slot: no compaction
+    [4, -1, 0, 3, 1, 3, 4, 0, 1, -1, 3, 4, 0, 1, 4, 3],  # four carriers, a few tokens each
+])
+def test_fused_chunk_of_mixed_carriers(ids, dtype):
+    """Inside one 16-token chunk each carrier computes only its own tokens (compacted lanes)."""
+    n, k = 41, 35
+    g = torch.Generator().manual_seed(len(ids))
+    w, x = torch.randn(n, k, generator=g).to(dtype), torch.randn(len(ids), k, generator=g).to(dtype)
+    cs = _cast(_carriers(n, k, seed=2), dtype)
+    ids = torch.tensor(ids, dtype=torch.int32)
+    in_range = ids.masked_fill(ids >= len(cs), -1)
+    with torch.no_grad():
+        got = CarrierPlan(w, cs)(x, w, None, ids)
+    ref = bank_linear_ref(x.double(), w.double(), _cast(cs, torch.float64), in_range)
+    assert_close(f"mixed chunk {dtype}", got, ref, lowp=bank_linear_ref(x, w, cs, in_range))
