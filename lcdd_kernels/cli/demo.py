@@ -149,7 +149,7 @@ def register(sub) -> None:
                     "compress that into an LCDD carrier, reverse it with SFT-Eraser (and run the ablation "
                     "against the SFT model), and write report.json, report.md and plots into --out.")
     p.add_argument("--quick", action="store_true",
-                   help="the short run (175 s on 2 idle CPU cores with the shipped base model; time_s in report.json)")
+                   help="the short run (109 s on 2 idle CPU cores with the shipped base model; time_s in report.json)")
     p.add_argument("--behaviour", default="fixed", choices=("fixed", "refusal", "style", "all"),
                    help="what SFT teaches: fixed (always \"i don't know.\"), refusal (refuse the 'reverse' "
                         "tasks, answer the rest), style (answers wrapped in a marker), or all three")

@@ -77,8 +77,9 @@ class DemoConfig:
 #: Named settings: dotted DemoConfig fields -> value. "full" is DemoConfig's defaults.
 PRESETS: dict[str, dict] = {
     "full": {},
-    # With the shipped base (no phase 0) 175 s on 2 idle cores (LCDD 94 s of it). The base.* values apply with
-    # --train-base: a shorter base schedule wants a lower peak lr (measured, seeds 0-2: 2e-3 over
+    # With the shipped base (no phase 0) 109 s on 2 idle cores (LCDD 49 s of it; docs/demo/behaviours.md):
+    # mask_lr 2.0 doubles the L0 pressure so that 250 LCDD steps reach the sparsity goal. The base.*
+    # values apply with --train-base: a shorter base schedule wants a lower peak lr (measured, seeds 0-2: 2e-3 over
     # 600 steps reaches 0.93-0.99 validation exact match; 3e-3 over 800 steps 0.91-0.98 at 700).
     "quick": {"base.steps": 600, "base.lr": 2e-3, "base.target": 0.95, "sft_steps": 100, "lcdd_steps": 250,
               "lcdd_warmup": 25, "mask_lr": 2.0, "eraser.steps": 120},
