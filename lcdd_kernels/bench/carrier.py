@@ -45,6 +45,8 @@ cache; ``base`` plain model, ``merged`` one carrier merged, ``naive`` one carrie
 
 from __future__ import annotations
 
+import itertools
+import math
 from contextlib import nullcontext
 
 import torch
@@ -93,9 +95,20 @@ def token_ids(t: int, mix: int) -> torch.Tensor:
     return (torch.arange(t) * mix // t).to(torch.int32)
 
 
+def _weight_copies(wbytes: int, weight_set_mib: float) -> int:
+    """How many copies of a base weight the calls cycle through so that together they exceed
+    ``weight_set_mib``: decode reads each weight once per token, from memory, not from a cache
+    that a loop over one weight keeps warm. Weights under 1 MiB (the overhead group) stay one copy."""
+    if weight_set_mib <= 0 or wbytes < 2 ** 20:
+        return 1
+    return max(1, math.ceil(weight_set_mib * 2 ** 20 / wbytes))
+
+
 def setup_linear(case: dict, provider: str, device: str, dtype: str, backend: str | None = None,
-                 seed: int = 0) -> common.Prepared:
-    """x (T, K), base B (N, K), max(m, 1) carriers at sparsity s, ids per token."""
+                 seed: int = 0, weight_set_mib: float = 0) -> common.Prepared:
+    """x (T, K), base B (N, K), max(m, 1) carriers at sparsity s, ids per token. With
+    ``weight_set_mib`` each call takes the next of several copies of B (and of the merged weights),
+    so that the copies together exceed that size (:func:`_weight_copies`)."""
     from ..ops.carrier import _select, bank_linear, carrier_linear
 
     if provider not in PROVIDERS:
@@ -112,30 +125,37 @@ def setup_linear(case: dict, provider: str, device: str, dtype: str, backend: st
     es = x.element_size()
     floor = es * (n * k + t * k + t * n) + sum(
         es * carriers[c][0].numel() + 4 * (carriers[c][1].numel() + carriers[c][2].numel()) for c, _ in groups)
-    info = {"floor_bytes": floor, "carriers_used": len(groups)}
     wbytes = n * k * es
+    copies = 1 if provider == "lcdd-compiled" else _weight_copies(wbytes, weight_set_mib)  # compiled: B is a guard
+    info = {"floor_bytes": floor, "carriers_used": len(groups), "weight_copies": copies}
+    bases = [base] + [base.clone() for _ in range(copies - 1)]
+    turn = itertools.cycle(range(copies)).__next__
     if provider == "base":
-        return common.Prepared(lambda: F.linear(x, base), [], [x, base], wbytes, info)
+        return common.Prepared(lambda: F.linear(x, bases[turn()]), [], [x, *bases], wbytes, info)
     if provider == "merged":
-        merged = []
-        for delta, rows, cols in carriers:
-            w = base.clone()
-            w[rows.long()[:, None], cols.long()[None, :]] += delta
-            merged.append(w)
+        merged = []  # merged[copy][carrier]
+        for b in bases:
+            merged.append([])
+            for delta, rows, cols in carriers:
+                w = b.clone()
+                w[rows.long()[:, None], cols.long()[None, :]] += delta
+                merged[-1].append(w)
+        held = [x, *bases, *[w for m in merged for w in m]]
         if len(groups) <= 1:
-            w = merged[groups[0][0]] if groups else base
-            return common.Prepared(lambda: F.linear(x, w), [], [x, base, *merged], wbytes, info)
+            ws = [m[groups[0][0]] for m in merged] if groups else bases
+            return common.Prepared(lambda: F.linear(x, ws[turn()]), [], held, wbytes, info)
 
         def per_copy():
             y = x.new_empty(t, n)
+            ws = merged[turn()]
             for c, tok in groups:
-                y.index_copy_(0, tok, F.linear(x.index_select(0, tok), merged[c]))
+                y.index_copy_(0, tok, F.linear(x.index_select(0, tok), ws[c]))
             return y
 
-        return common.Prepared(per_copy, [], [x, base, *merged], wbytes, info)
+        return common.Prepared(per_copy, [], held, wbytes, info)
     if provider == "naive":
         def naive():
-            y = F.linear(x, base)
+            y = F.linear(x, bases[turn()])
             for c, tok in groups:
                 delta, rows, cols = carriers[c]
                 if tok.numel() == t:
@@ -145,7 +165,7 @@ def setup_linear(case: dict, provider: str, device: str, dtype: str, backend: st
                     y.index_put_((tok[:, None], rows.long()[None, :]), part, accumulate=True)
             return y
 
-        return common.Prepared(naive, [], [x, base, *[a for c in carriers for a in c]], wbytes, info)
+        return common.Prepared(naive, [], [x, *bases, *[a for c in carriers for a in c]], wbytes, info)
     from ..carriers.bank import CarrierBank
 
     bank = CarrierBank(device, dt)
@@ -153,18 +173,18 @@ def setup_linear(case: dict, provider: str, device: str, dtype: str, backend: st
         bank.add({"proj": c})
     dev_ids = ids.to(device)
     info["backend"] = _select("bank_linear", x, t, backend)
-    state = [x, base, dev_ids, *[a for c in carriers for a in c]]
+    state = [x, *bases, dev_ids, *[a for c in carriers for a in c]]
     if provider == "checked":
         if mix == 1:
             delta, rows, cols = carriers[0]
-            return common.Prepared(lambda: carrier_linear(x, base, delta, rows, cols, backend=backend), [], state,
-                                   wbytes, info)
-        return common.Prepared(lambda: bank_linear(x, base, bank, "proj", dev_ids, backend=backend), [], state,
-                               wbytes, info)
+            return common.Prepared(lambda: carrier_linear(x, bases[turn()], delta, rows, cols, backend=backend), [],
+                                   state, wbytes, info)
+        return common.Prepared(lambda: bank_linear(x, bases[turn()], bank, "proj", dev_ids, backend=backend), [],
+                               state, wbytes, info)
     if provider == "plan":
         plan = bank.plan("proj", (n, k))
         info["backend"] = "prepared"
-        return common.Prepared(lambda: plan(x, base, None, dev_ids), [], state, wbytes, info)
+        return common.Prepared(lambda: plan(x, bases[turn()], None, dev_ids), [], state, wbytes, info)
     if provider == "lcdd-compiled":
         import time
 
@@ -180,8 +200,8 @@ def setup_linear(case: dict, provider: str, device: str, dtype: str, backend: st
         fn(x, dev_ids)
         info["compile_s"] = time.perf_counter() - t0
         return common.Prepared(lambda: fn(x, dev_ids), [], state, wbytes, info)
-    return common.Prepared(lambda: bank_linear(x, base, bank, "proj", dev_ids, check_ids=False, backend=backend),
-                           [], state, wbytes, info)
+    return common.Prepared(lambda: bank_linear(x, bases[turn()], bank, "proj", dev_ids, check_ids=False,
+                                               backend=backend), [], state, wbytes, info)
 
 
 # --------------------------------------------------------------------------------- generate
@@ -322,7 +342,10 @@ def setup_decode_step(case: dict, provider: str, device: str, dtype: str, backen
 
 def prepare(case: dict, provider: str, device: str, dtype: str, **options) -> common.Prepared:
     """The suite's setup entry point (see lcdd_kernels.bench.common.run_matrix)."""
-    setup = {"generate": setup_generate, "decode-step": setup_decode_step}.get(case["op"], setup_linear)
+    setup = {"generate": setup_generate, "decode-step": setup_decode_step}.get(case["op"])
+    if setup is None:
+        return setup_linear(case, provider, device, dtype, **options)
+    options = {k: v for k, v in options.items() if k != "weight_set_mib"}  # whole models: their own weights
     return setup(case, provider, device, dtype, **options)
 
 
@@ -472,6 +495,10 @@ def add_arguments(p) -> None:
                    help="comma list of dtypes run one after the other into one table (overrides --dtype), "
                         "e.g. float32,bfloat16")
     p.add_argument("--no-overhead", action="store_true", help="skip the per-call host overhead group (CPU)")
+    p.add_argument("--weight-set", type=float, default=None, metavar="MIB",
+                   help="per-projection rows cycle through copies of the weight that together exceed MIB, so "
+                        "each call reads it from memory as a decode step does (default: 64 on a CPU, 8x its "
+                        "last-level cache here; 0 on a GPU; 0: one weight, kept warm in the cache by the loop)")
     p.add_argument("--no-step", action="store_true",
                    help="skip the decode-step group (CPU): a Qwen3-0.6B-shaped 4-layer model, 4 sequences x 1 token")
 
@@ -511,6 +538,8 @@ def run(args) -> int:
     print(f"lcdd bench {SUITE}: {len(todo)} shapes x {len(args.providers)} providers x {len(dtypes)} dtypes on "
           f"{common.device_name(device)}; copy bandwidth {peak:.1f} GB/s (the floor of every row)")
     options = {"backend": args.lcdd_backend}
+    weight_set = args.weight_set if args.weight_set is not None else (64.0 if cpu else 0.0)
+    linear_options = {**options, "weight_set_mib": weight_set}
     # on a CPU the wall-time pass is short: the alternating CPU-time pass below gives the ratios
     wall_budget = min(args.budget, 0.05) if cpu else args.budget
     gen_providers = [p for p in args.providers if p in GEN_PROVIDERS and p != "lcdd"]
@@ -523,7 +552,8 @@ def run(args) -> int:
     rows: list[dict] = []
     for dt in dtypes:
         part = common.run_matrix(SUITE, PREPARE, todo, args.providers, ("forward",), device, dt, BASELINE,
-                                 options=options, budget_s=wall_budget, memory=not args.no_memory, results=results)
+                                 options=linear_options, budget_s=wall_budget, memory=not args.no_memory,
+                                 results=results)
         timed = todo
         if not args.no_generate:
             part += common.add_ratios(common.run_matrix(SUITE, PREPARE, gen, gen_providers, ("forward",), device, dt,
@@ -537,7 +567,7 @@ def run(args) -> int:
                                                         memory=False), BASELINE)
             timed = timed + step
         if cpu:
-            retime_cpu(part, timed, args.providers, device, dt, options, args.budget)
+            retime_cpu(part, timed, args.providers, device, dt, linear_options, args.budget)
         rows += part
     _host_overhead(rows)
     add_bandwidth(rows, peak)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lcdd_kernels import use_backend
-from lcdd_kernels.bench.carrier import PROVIDERS, cases, setup_decode_step, setup_linear, token_ids
+from lcdd_kernels.bench.carrier import PROVIDERS, _weight_copies, cases, setup_decode_step, setup_linear, token_ids
 from lcdd_kernels.cli import main
 
 
@@ -20,6 +20,26 @@ def test_providers_agree(mix):
     for p in [p for p in PROVIDERS if p not in ("base", "naive")]:  # lcdd-compiled too
         torch.testing.assert_close(outs[p], outs["naive"], rtol=1e-5, atol=1e-5, msg=p)
     assert torch.equal(outs["base"], outs["naive"]) == (mix == 0)
+
+
+def test_weight_copies_cycle_and_agree():
+    mib = 2 ** 20
+    assert [_weight_copies(4 * mib, 64), _weight_copies(12 * mib, 64), _weight_copies(4 * mib, 0),
+            _weight_copies(16 * 1024, 64), _weight_copies(100 * mib, 64)] == [16, 6, 1, 1, 1]
+    # 512 x 1024 fp32 = 2 MiB: a 5 MiB set is 3 copies, each call on the next; every provider's
+    # result is the same on every copy, and equal to the one-copy result
+    case = {"T": 3, "N": 512, "K": 1024, "s": 0.8, "mix": 2}
+    one = setup_linear(case, "naive", "cpu", "float32").forward()
+    for p in ("base", "merged", "naive", "checked", "lcdd", "plan"):
+        prep = setup_linear(case, p, "cpu", "float32", weight_set_mib=5)
+        assert prep.info["weight_copies"] == 3
+        outs = [prep.forward() for _ in range(4)]
+        for y in outs:
+            torch.testing.assert_close(y, outs[0], rtol=0, atol=0, msg=p)
+        if p != "base":
+            torch.testing.assert_close(outs[0], one, rtol=1e-5, atol=1e-5, msg=p)
+        held = {t.data_ptr() for t in prep.state if t.shape == (512, 1024)}
+        assert len(held) >= 3, p
 
 
 def test_token_ids_and_cases():
