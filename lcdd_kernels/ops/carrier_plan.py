@@ -188,10 +188,7 @@ class CarrierPlan:
                 and not (torch.is_grad_enabled() and (x.requires_grad or base_weight.requires_grad
                                                       or (bias is not None and bias.requires_grad)))
                 and not (_any_autocast() and torch.is_autocast_enabled("cpu"))
-                and not torch.compiler.is_compiling()
-                and (self._env_native if not (_backend._contexts or _backend._global_override)
-                     else (getattr(_backend._state, "name", None) or _backend._global_override
-                           or self._env) in _NATIVE)):
+                and not torch.compiler.is_compiling() and self._native_requested()):
             return self._cpu_call(x, base_weight, bias, slot_ids)
         return self._op_call(x, base_weight, bias, slot_ids, self.out_features, self.in_features)
 
@@ -224,8 +221,7 @@ class CarrierPlan:
         if out.device != x.device or slot_ids.device != x.device:
             raise ValueError(f"CarrierPlan.add_: out, x and slot_ids must be on one device, got {out.device}, "
                              f"{x.device} and {slot_ids.device}")
-        if (self._cpu and x.is_cpu and out.is_contiguous()
-                and (getattr(_backend._state, "name", None) or _backend._global_override or self._env) in _NATIVE):
+        if self._cpu and x.is_cpu and out.is_contiguous() and self._native_requested():
             _native.lib().carrier_add_prepared_cpu(x.data_ptr(), x.stride(0), out.data_ptr(), t, n, k, self._code,
                                                    self._views, self._slots, slot_ids.data_ptr())
             return out
@@ -242,6 +238,14 @@ class CarrierPlan:
 
         _torch_add_(out, x, table.deltas, table.rows, table.cols, ids_or_base(slot_ids, self._slots))
         return out
+
+    def _native_requested(self) -> bool:
+        """Whether the backend in force (``use_backend`` in this thread, ``set_backend``, then
+        ``LCDD_BACKEND``) lets the native library run; the thread-local lookup only while some
+        ``use_backend`` context is open (a microsecond per call otherwise)."""
+        if not (_backend._contexts or _backend._global_override):
+            return self._env_native
+        return (getattr(_backend._state, "name", None) or _backend._global_override or self._env) in _NATIVE
 
     def _shapes(self, x, base_weight, bias, ids, t, n, k) -> None:
         if base_weight.shape != (n, k) or x.shape[-1] != k:
