@@ -7,6 +7,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "internal.h"
@@ -81,26 +82,93 @@ inline void gather_tokens(const T* x, int64_t xs, const int64_t* tok, int nt, co
   }
 }
 
-// The few-token path (up to four tokens would leave most of the micro-kernel's token lanes empty):
-// Σ_i w_r[i]·v[i] for four rows at once, four independent accumulator chains, so the GEMV of a
-// decode step is bound by memory, not by the latency of one chain of fused multiply-adds. `V` is
-// T (x read in place) or Acc<T> (x gathered at a carrier's columns).
-template <typename T, typename V>
-inline void dot4(const T* const* w, const V* v, int64_t n, Acc<T>* out) {
-  Acc<T> s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  const T *w0 = w[0], *w1 = w[1], *w2 = w[2], *w3 = w[3];
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-  for (int64_t i = 0; i < n; ++i) {
-    const Acc<T> vi = static_cast<Acc<T>>(to_float(v[i]));
-    s0 += static_cast<Acc<T>>(to_float(w0[i])) * vi;
-    s1 += static_cast<Acc<T>>(to_float(w1[i])) * vi;
-    s2 += static_cast<Acc<T>>(to_float(w2[i])) * vi;
-    s3 += static_cast<Acc<T>>(to_float(w3[i])) * vi;
+// The few-token path (up to kFewTokens tokens would leave most of the micro-kernel's token lanes
+// empty) is dot_block below.
+
+// L consecutive elements from p as one vector of accumulator lanes (16-bit types widened).
+template <typename V, typename S>
+inline V load_lanes(const S* p) {
+  using A = decltype(V{}[0] + 0);
+  constexpr int L = static_cast<int>(sizeof(V) / sizeof(A));
+  V v;
+  if constexpr (sizeof(S) == sizeof(A)) {
+    std::memcpy(&v, p, sizeof v);
+  } else {
+    A tmp[L];
+    for (int j = 0; j < L; ++j) tmp[j] = static_cast<A>(to_float(p[j]));
+    std::memcpy(&v, tmp, sizeof v);
   }
-  out[0] = s0;
-  out[1] = s1;
-  out[2] = s2;
-  out[3] = s3;
+  return v;
+}
+
+// The first rem (< L) elements from p, the other lanes 0 (nothing read past p + rem).
+template <typename V, typename S>
+inline V load_tail(const S* p, int rem) {
+  using A = decltype(V{}[0] + 0);
+  constexpr int L = static_cast<int>(sizeof(V) / sizeof(A));
+  A tmp[L] = {};
+  for (int j = 0; j < rem; ++j) tmp[j] = static_cast<A>(to_float(p[j]));
+  V v;
+  std::memcpy(&v, tmp, sizeof v);
+  return v;
+}
+
+// Σ_i w_r[i]·v_k[i] for R rows and K tokens at once (out[r][k]): the columns are the vector
+// dimension and R·K accumulator vectors stay in registers, so each row is read once for the K tokens
+// (a decode batch of a few sequences reads the weight once, not once per sequence) and R·K >= 6
+// independent chains keep the FMA units busy. `S` is T (x read in place) or Acc<T> (gathered).
+template <int R, int K, typename T, typename S>
+inline void dot_block(const T* const* w, const S* const* v, int64_t n, Acc<T> (*out)[kTok]) {
+  using A = Acc<T>;
+  using V = typename Lanes<A>::type;
+  constexpr int L = static_cast<int>(sizeof(V) / sizeof(A));
+  V acc[R][K] = {};
+  int64_t i = 0;
+  if constexpr (R * K < 8) {  // two column steps per iteration: 2·R·K chains, not R·K latency-bound ones
+    V acc2[R][K] = {};
+    for (; i + 2 * L <= n; i += 2 * L) {
+      V wv[R], wv2[R];
+      for (int r = 0; r < R; ++r) {
+        wv[r] = load_lanes<V>(w[r] + i);
+        wv2[r] = load_lanes<V>(w[r] + i + L);
+      }
+      for (int k = 0; k < K; ++k) {
+        const V xv = load_lanes<V>(v[k] + i), xv2 = load_lanes<V>(v[k] + i + L);
+        for (int r = 0; r < R; ++r) {
+          acc[r][k] += wv[r] * xv;
+          acc2[r][k] += wv2[r] * xv2;
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < K; ++k) acc[r][k] += acc2[r][k];
+  }
+  for (; i + L <= n; i += L) {
+    V wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = load_lanes<V>(w[r] + i);
+    for (int k = 0; k < K; ++k) {
+      const V xv = load_lanes<V>(v[k] + i);
+      for (int r = 0; r < R; ++r) acc[r][k] += wv[r] * xv;
+    }
+  }
+  if (i < n) {  // the last n % L columns as one zero-filled vector step, not R·K scalar dots
+    const int rem = static_cast<int>(n - i);
+    V wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = load_tail<V>(w[r] + i, rem);
+    for (int k = 0; k < K; ++k) {
+      const V xv = load_tail<V>(v[k] + i, rem);
+      for (int r = 0; r < R; ++r) acc[r][k] += wv[r] * xv;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int k = 0; k < K; ++k) {
+      A lanes[L];
+      std::memcpy(lanes, &acc[r][k], sizeof lanes);
+      A sum = 0;
+      for (int j = 0; j < L; ++j) sum += lanes[j];
+      out[r][k] = sum;
+    }
+  }
 }
 
 // Token counts up to this use the dot path.
@@ -131,19 +199,41 @@ inline void rows_times_tokens(const T* const* w, int nr, const T* x, int64_t xs,
     micro(w, nr, n, xg, out);
     return;
   }
-  // fewer than four rows (a carrier's few rows inside an output block) repeat the first: one
-  // chain per row would make the dot latency-bound, and the repeated row is in L1 already
+  // fewer than four rows (a carrier's few rows inside an output block) repeat the first: fewer
+  // chains would make the dot latency-bound, and the repeated row is in L1 already
   const T* w4[kRows];
   for (int r = 0; r < kRows; ++r) w4[r] = w[r < nr ? r : 0];
+  int live[kFewTokens];
+  int m = 0;
   for (int k = 0; k < nt; ++k) {
     if (tok[k] < 0) {
       for (int r = 0; r < nr; ++r) out[r][k] = 0;
-      continue;
+    } else {
+      live[m++] = k;
     }
-    Acc<T> o[kRows];
-    if (cols) dot4(w4, xg + k * n, n, o); else dot4(w4, x + tok[k] * xs, n, o);
-    for (int r = 0; r < nr; ++r) out[r][k] = o[r];
   }
+  if (m == 0) return;
+  Acc<T> o[kRows][kTok];
+  auto run = [&](auto src) {  // src(k): token k's inputs, gathered or in place
+    using S = std::remove_const_t<std::remove_pointer_t<decltype(src(0))>>;
+    const S* v[kFewTokens];
+    for (int q = 0; q < m; ++q) v[q] = src(live[q]);
+    switch (m) {
+      case 1: dot_block<4, 1, T>(w4, v, n, o); break;
+      case 2: dot_block<4, 2, T>(w4, v, n, o); break;
+      case 3:
+        dot_block<2, 3, T>(w4, v, n, o);
+        dot_block<2, 3, T>(w4 + 2, v, n, o + 2);
+        break;
+      default:
+        dot_block<2, 4, T>(w4, v, n, o);
+        dot_block<2, 4, T>(w4 + 2, v, n, o + 2);
+    }
+  };
+  if (cols) run([&](int k) { return xg + static_cast<int64_t>(k) * n; });
+  else run([&](int k) { return x + tok[k] * xs; });
+  for (int q = 0; q < m; ++q)
+    for (int r = 0; r < nr; ++r) out[r][live[q]] = o[r][q];
 }
 
 // Which tokens use which carrier; `used` lists carriers with tokens and a non-empty delta.
@@ -326,7 +416,11 @@ void linear(const T* x, int64_t xs, const T* base, const T* bias, T* y, int64_t 
 }
 
 // The carrier part alone. Tasks are (carrier, chunk of its tokens, block of its rows): x gathered at
-// the carrier's columns once per task, then the delta rows through the micro-kernel, added into y.
+// the carrier's columns (once per thread while its tasks stay on one chunk: a dynamic schedule
+// hands a thread the chunk's next row block), then the delta rows through the micro-kernel into a
+// token-major tile, added into y one token at a time. Writing y row by row as the micro-kernel
+// yields it would touch kTok lines n_out apart per row (the same L1 set when n_out·sizeof(T) is a
+// multiple of 4 KiB): that scatter cost as much as the arithmetic.
 template <typename T>
 void add(const T* x, int64_t xs, T* y, int64_t n_out, const lcdd_carrier_view* cv, const Routing& rt) {
   struct Task { int64_t c, tok, row; };
@@ -343,13 +437,19 @@ void add(const T* x, int64_t xs, T* y, int64_t n_out, const lcdd_carrier_view* c
   const bool par = n_tasks > 1 && work > lcdd::kMinParallelWork;
   auto body = [&](bool team) {
     Acc<T>* const xg = scratch<Acc<T>>(1, max_cols * kTok);
+    int64_t xg_c = -1, xg_tok = -1;
     Acc<T> part[kRows][kTok];
+    Acc<T> tile[kTok][kAddRows];
     dynamic_tasks(team, n_tasks, [&](int64_t it) {
       const Task& task = tasks[it];
       const lcdd_carrier_view& v = cv[task.c];
       const int64_t* tok = rt.tokens[task.c].data() + task.tok;
       const int nt = static_cast<int>(std::min<int64_t>(kTok, static_cast<int64_t>(rt.tokens[task.c].size()) - task.tok));
-      prepare_tokens(x, xs, tok, nt, v.cols, v.n_cols, xg);
+      if (xg_c != task.c || xg_tok != task.tok) {
+        prepare_tokens(x, xs, tok, nt, v.cols, v.n_cols, xg);
+        xg_c = task.c;
+        xg_tok = task.tok;
+      }
       const T* delta = static_cast<const T*>(v.delta);
       const int64_t j1 = std::min(v.n_rows, task.row + kAddRows);
       for (int64_t j = task.row; j < j1; j += kRows) {
@@ -357,12 +457,15 @@ void add(const T* x, int64_t xs, T* y, int64_t n_out, const lcdd_carrier_view* c
         const T* w[kRows];
         for (int r = 0; r < nr; ++r) w[r] = delta + (j + r) * v.n_cols;
         rows_times_tokens(w, nr, x, xs, tok, nt, v.cols, v.n_cols, xg, part);
-        for (int r = 0; r < nr; ++r) {
-          for (int k = 0; k < nt; ++k) {
-            T* out = y + tok[k] * n_out + v.rows[j + r];
-            *out = from_acc<T>(static_cast<Acc<T>>(to_float(*out)) + part[r][k]);
-          }
-        }
+        for (int r = 0; r < nr; ++r)
+          for (int k = 0; k < nt; ++k) tile[k][j - task.row + r] = part[r][k];
+      }
+      const int32_t* rows = v.rows + task.row;
+      const int64_t nj = j1 - task.row;
+      for (int k = 0; k < nt; ++k) {
+        T* const yk = y + tok[k] * n_out;
+        for (int64_t j = 0; j < nj; ++j)
+          yk[rows[j]] = from_acc<T>(static_cast<Acc<T>>(to_float(yk[rows[j]])) + tile[k][j]);
       }
     });
   };

@@ -4,6 +4,8 @@ carriers; mixed slot ids with −1 and ids outside the plan)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -33,6 +35,16 @@ def _carriers(n, k, seed=0):
                     rows.to(torch.int32), cols))
     out.insert(2, None)
     return out
+
+
+@contextlib.contextmanager
+def _threads(n):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _cast(carriers, dtype):
@@ -217,6 +229,33 @@ def test_add_is_the_carriers_alone(t, n, k, dtype):
     out = base.clone()
     assert CarrierPlan((n, k), cd, device="cpu", dtype=dtype).add_(out, x, ids) is out
     assert_close(f"add_ {dtype} T={t}", out, ref, lowp=lowp)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_carrier", [1, 2, 3, 4, 5, 16])
+def test_add_blocks_of_tokens_and_rows(per_carrier, dtype):
+    """add_ with each carrier's tokens of a chunk in every block the kernel has (1-4 tokens share a
+    read of the delta rows, 5+ the 16-lane micro-kernel), carriers of more rows than one task
+    (x gathered once per thread and reused across its row blocks, tasks of other carriers in
+    between), column counts on and off the vector width, tokens interleaved across carriers."""
+    n, k = 203, 83
+    g = torch.Generator().manual_seed(per_carrier)
+    cols = [torch.arange(k), torch.arange(0, k, 2), torch.arange(1, 17), torch.tensor([5, 40, 41])]
+    cd = []
+    for i, c in enumerate(cols):
+        rows = torch.nonzero(torch.rand(n, generator=g) < 0.8 - 0.15 * i).flatten().to(torch.int32)
+        cd.append((torch.randn(rows.numel(), c.numel(), generator=g, dtype=torch.float64).to(dtype), rows, c))
+    ids = torch.tensor([i % 4 for i in range(4 * per_carrier)] + [-1], dtype=torch.int32)
+    x = torch.randn(ids.numel(), k, generator=g, dtype=torch.float64).to(dtype)
+    base = torch.randn(ids.numel(), n, generator=g, dtype=torch.float64).to(dtype)
+    zero = torch.zeros(n, k, dtype=torch.float64)
+    ref = base.double() + bank_linear_ref(x.double(), zero, _cast(cd, torch.float64), ids)
+    lowp = base + bank_linear_ref(x, zero.to(dtype), cd, ids)
+    for threads in (1, 2):
+        with _threads(threads):
+            out = base.clone()
+            CarrierPlan((n, k), cd, device="cpu", dtype=dtype).add_(out, x, ids)
+        assert_close(f"add_ {dtype} {per_carrier} tokens per carrier, {threads} threads", out, ref, lowp=lowp)
 
 
 def test_add_refuses_what_it_cannot_do():
