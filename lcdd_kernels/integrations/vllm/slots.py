@@ -98,7 +98,8 @@ def set_slot(module, index: int, n_slots: int, entry: _Entry | None) -> None:
     if entries is None or len(entries) != n_slots:
         entries = module._lcdd_entries = [None] * n_slots
     entries[index] = entry
-    if all(e is None for e in entries):
+    module._lcdd_slots = frozenset(i for i, e in enumerate(entries) if e is not None)
+    if not module._lcdd_slots:
         module._lcdd_plan = None
         return
     first = next(e for e in entries if e is not None)
