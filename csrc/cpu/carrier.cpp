@@ -93,6 +93,15 @@ inline V load_lanes(const S* p) {
   V v;
   if constexpr (sizeof(S) == sizeof(A)) {
     std::memcpy(&v, p, sizeof v);
+  } else if constexpr (std::is_same_v<S, lcdd::bf16_t> && L == 8) {
+    // bf16 is the top half of an fp32: widen the eight 16-bit words and shift (vectorised; the
+    // element-wise loop below compiles to scalar conversions)
+    typedef uint16_t H __attribute__((vector_size(16)));
+    typedef uint32_t W __attribute__((vector_size(32)));
+    H h;
+    std::memcpy(&h, p, sizeof h);
+    const W u = __builtin_convertvector(h, W) << 16;
+    std::memcpy(&v, &u, sizeof v);
   } else {
     A tmp[L];
     for (int j = 0; j < L; ++j) tmp[j] = static_cast<A>(to_float(p[j]));
