@@ -85,9 +85,10 @@ inline void gather_tokens(const T* x, int64_t xs, const int64_t* tok, int nt, co
 // The few-token path (up to kFewTokens tokens would leave most of the micro-kernel's token lanes
 // empty): dot4 for one token, dot_block below for two to four.
 
-// One token (a decode step of one sequence): Σ_i w_r[i]·v[i] for four rows at once, four independent accumulator chains, so the GEMV of a
-// decode step is bound by memory, not by the latency of one chain of fused multiply-adds. `V` is
-// T (x read in place) or Acc<T> (x gathered at a carrier's columns).
+// One token (a decode step of one sequence): Σ_i w_r[i]·v[i] for four rows at once, four
+// independent accumulator chains, so the GEMV of a decode step is bound by memory, not by the
+// latency of one chain of fused multiply-adds. `V` is T (x read in place) or Acc<T> (x gathered at
+// a carrier's columns).
 template <typename T, typename V>
 inline void dot4(const T* const* w, const V* v, int64_t n, Acc<T>* out) {
   Acc<T> s0 = 0, s1 = 0, s2 = 0, s3 = 0;
@@ -105,7 +106,6 @@ inline void dot4(const T* const* w, const V* v, int64_t n, Acc<T>* out) {
   out[2] = s2;
   out[3] = s3;
 }
-
 
 // L consecutive elements from p as one vector of accumulator lanes (16-bit types widened).
 template <typename V, typename S>

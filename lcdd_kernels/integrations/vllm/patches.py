@@ -202,6 +202,10 @@ def _make_remove_all(orig):
 # ----- worker: the projections --------------------------------------------------------------
 
 
+#: the punica wrapper's attribute that holds the step's (int32 ids, slots used), on a CPU
+_IDS = "_lcdd_step_ids"
+
+
 def _step_ids(punica, n: int, device) -> tuple[torch.Tensor, frozenset | None]:
     """The step's slot per token as int32 (−1: the base), padded with −1 to ``n`` tokens, and on a
     CPU the set of slots it uses. On a CPU both are built once per step (the first projection) and
@@ -226,9 +230,6 @@ def _step_ids(punica, n: int, device) -> tuple[torch.Tensor, frozenset | None]:
         return ids, None
     cached = punica.__dict__[_IDS] = (ids, frozenset(ids.unique().tolist()))
     return cached
-
-
-_IDS = "_lcdd_step_ids"
 
 
 def _make_update_metadata(orig):
