@@ -10,6 +10,10 @@
 #include <type_traits>
 #include <vector>
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 #include "internal.h"
 
 // Python builds int64 (n, 6) tables that the kernels read as lcdd_carrier_view.
@@ -137,6 +141,16 @@ template <typename V, typename S>
 inline V load_tail(const S* p, int rem) {
   using A = decltype(V{}[0] + 0);
   constexpr int L = static_cast<int>(sizeof(V) / sizeof(A));
+#ifdef __AVX2__
+  if constexpr (std::is_same_v<S, float> && std::is_same_v<A, float> && L == 8) {
+    // one masked load (masked-off lanes are not read, so no fault past the row) for the scalar loop
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256 v = _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(rem), lane));
+    V out;
+    std::memcpy(&out, &v, sizeof out);
+    return out;
+  }
+#endif
   A tmp[L] = {};
   for (int j = 0; j < rem; ++j) tmp[j] = static_cast<A>(to_float(p[j]));
   V v;
@@ -178,7 +192,12 @@ inline void dot_block(const T* const* w, const S* const* v, int64_t n, Acc<T> (*
     V wv[R];
     for (int r = 0; r < R; ++r) wv[r] = load_lanes<V>(w[r] + i);
     for (int k = 0; k < K; ++k) {
-      const V xv = load_lanes<V>(v[k] + i);
+      V xv = load_lanes<V>(v[k] + i);
+#if defined(__GNUC__) && defined(__AVX__)
+      // one load per token vector: GCC otherwise folds the load into each row's FMA (R loads),
+      // and at R·K + R loads per R·K FMAs the loop waits on the two load ports, not the FMA units
+      asm("" : "+x"(xv));
+#endif
       for (int r = 0; r < R; ++r) acc[r][k] += wv[r] * xv;
     }
   }
@@ -191,6 +210,24 @@ inline void dot_block(const T* const* w, const S* const* v, int64_t n, Acc<T> (*
       for (int r = 0; r < R; ++r) acc[r][k] += wv[r] * xv;
     }
   }
+#ifdef __AVX2__
+  if constexpr (std::is_same_v<A, float> && L == 8 && R * K == 8) {
+    // the eight horizontal sums at once: three rounds of pairwise adds (hadd, hadd, the two
+    // 128-bit halves) leave sum(acc[r][k]) in lane r·K + k. Summing each vector on its own costs
+    // about as much as the 205-column loop it ends (7 dependent adds x 8).
+    __m256 a[8];
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < K; ++k) std::memcpy(&a[r * K + k], &acc[r][k], sizeof(__m256));
+    const __m256 q0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 q1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    const __m256 s = _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+    float sums[8];
+    _mm256_storeu_ps(sums, s);
+    for (int r = 0; r < R; ++r)
+      for (int k = 0; k < K; ++k) out[r][k] = sums[r * K + k];
+    return;
+  }
+#endif
   for (int r = 0; r < R; ++r) {
     for (int k = 0; k < K; ++k) {
       A lanes[L];
