@@ -378,13 +378,18 @@ def copy_bandwidth(device: str, budget_s: float) -> float:
     return measure(device, budget_s)
 
 
+#: Rounds of the alternating CPU-time pass at least, per case. A prefill call takes 30-500 ms, so
+#: the time budget alone gives it 3-5 rounds, and the minimum of so few moved the prefill ratios by
+#: +-0.05 between runs on a 2-core machine; decode calls get hundreds of rounds from the budget.
+MIN_ROUNDS = {"decode": 5, "prefill": 11}
+
+
 def retime_cpu(rows: list[dict], todo: list[dict], providers, device: str, dtype: torch.dtype, options: dict,
                budget_s: float) -> None:
     """CPU: time each case's providers again, in alternation, by the process's CPU time per call
     (``cpu_ms_min``), so that load from other processes falls on every provider alike; sets
     ``cost_vs_baseline`` from it. (On a GPU the do_bench medians stand.)"""
     from tqdm import tqdm
-
 
     dtype_name = str(dtype).removeprefix("torch.")
     by_key = {(r["group"], r["provider"]): r for r in rows}
@@ -393,8 +398,10 @@ def retime_cpu(rows: list[dict], todo: list[dict], providers, device: str, dtype
         for p in providers:
             if "error" not in by_key.get((case["group"], p), {"error": 1}):
                 fns[p] = prepare(case, p, device, dtype_name, **options).forward
-        for p, t in common.time_interleaved(fns, torch.device(device), budget_s).items():
-            by_key[(case["group"], p)].update(cpu_ms_min=t["cpu_ms_min"], cpu_ms_median=t["cpu_ms_median"])
+        rounds = MIN_ROUNDS.get(case.get("phase"), MIN_ROUNDS["decode"])
+        for p, t in common.time_interleaved(fns, torch.device(device), budget_s, min_reps=rounds).items():
+            by_key[(case["group"], p)].update(cpu_ms_min=t["cpu_ms_min"], cpu_ms_median=t["cpu_ms_median"],
+                                             cpu_rounds=t["reps"])
         base = by_key.get((case["group"], BASELINE), {}).get("cpu_ms_min")
         for p in fns:
             r = by_key[(case["group"], p)]
