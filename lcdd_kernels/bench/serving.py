@@ -20,7 +20,9 @@ demo's small vocabulary, random weights) and four random carriers at ``--sparsit
 all on vLLM: ``vllm-base`` (LoRA off), ``vllm-native-1`` / ``vllm-native-4`` (the plugin) and
 ``vllm-lora-4`` (the same four carriers as exact LoRA, requests cycling through them; where
 their rank is above vLLM's 512 the row says so instead). The group's targets (:data:`TARGETS`)
-are checked on it.
+are checked on it. Its three engines are started together and their timed batches alternate,
+repeat after repeat (the runner's ``interleave``), so that the machine's drift over the minutes
+of the group falls on every provider alike.
 
 Per provider: ``tokens_per_s`` = generated tokens / wall time of the batch, ``ttft_s`` = wall
 time of the same batch with one new token (every request arrives at once, so this is what each
@@ -299,8 +301,9 @@ def _qwen3(args, stamp, n_req, new_tokens) -> list[dict]:
                 if not report.exact:
                     raise RuntimeError(f"export_peft truncated carrier {i} although its rank {rank} fits vLLM")
                 adapters[f"l{i}"] = str(Path(tmp) / f"l{i}")
+        # interleaved: all engines up at once, their timed batches in turn (ratios free of drift)
         job = {"model": str(Path(tmp) / "model"), "dtype": "float32", "max_model_len": 256, "adapters": adapters,
-               "runs": q.runs(prompts, lora_rank, new_tokens, lambda r, n, prefix="": _batches(r, n, args, prefix))}
+               "interleave": True, "runs": q.runs(prompts, lora_rank, new_tokens, lambda r, n, prefix="": _batches(r, n, args, prefix))}
         try:
             out = vllm_env.run_job(job, timeout=1800)
         except Exception as e:  # noqa: BLE001 - the rows record what failed
@@ -317,6 +320,7 @@ def _qwen3(args, stamp, n_req, new_tokens) -> list[dict]:
         extra = (lora_sizes if provider == "vllm-lora-4"
                  else dict(sizes, resident_bytes_per_slot=native_slot) if n else {})
         rows.append(row(provider, start_s=runs[run_name]["start_s"], wall_s=gen["wall_s"], ttft_s=first["wall_s"],
+                        walls_s=gen.get("walls_s"), ttft_walls_s=first.get("walls_s"),
                         tokens_per_s=n_req * new_tokens / gen["wall_s"], vllm_version=out["vllm_version"], **extra))
     if "vllm-lora-4" in tokens:  # both exact: the same greedy tokens, up to near-ties of a random model
         match = sum(a == b for a, b in zip(tokens["vllm-lora-4"], tokens["vllm-native-4"]))

@@ -28,6 +28,8 @@ def test_qwen3_group_measures_every_provider_and_checks_the_targets(tmp_path):
     assert set(rows) == {"vllm-base", "vllm-native-1", "vllm-native-4", "vllm-lora-4"}
     for r in rows.values():
         assert r["tokens_per_s"] > 0 and r["ttft_s"] > 0 and r["start_s"] > 0, r["provider"]
+        # every repeat's wall time kept, the row's the median of them
+        assert len(r["walls_s"]) == len(r["ttft_walls_s"]) == 1 and r["wall_s"] == r["walls_s"][0], r["provider"]
         assert r["vllm_version"].startswith("0.32.0")
     lora, native = rows["vllm-lora-4"], rows["vllm-native-4"]
     # both exact, fp32: the same greedy tokens for every request
