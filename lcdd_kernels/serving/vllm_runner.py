@@ -38,7 +38,7 @@ def _engine(job: dict, spec: dict):
 
 
 def _call(job: dict, b: dict):
-    """(generate's arguments, one timed call) for batch ``b``."""
+    """Batch ``b`` as one function: call(llm) runs its ``generate`` and returns (results, seconds)."""
     from vllm import SamplingParams
     from vllm.lora.request import LoRARequest
 
@@ -102,14 +102,15 @@ def run(job: dict) -> dict:
 
 def run_interleaved(job: dict) -> dict:
     """Every run's engine started first, then the timed batches of all runs in turn, repeat after
-    repeat: the machine's drift over the run (a shared or throttled CPU's speed moves by 10-20 %
+    repeat: the machine's drift over the run (a shared or throttled CPU's speed moves by 10-20%
     over minutes) falls on every run alike, so their ratios hold where back-to-back runs would
     measure the drift. Batches that expect an error are not supported here."""
+    for spec in job["runs"]:  # refused before vLLM is imported or any engine starts
+        if any(b.get("expect_error") for b in spec["batches"]):
+            raise ValueError(f"run {spec['name']!r}: batches with expect_error cannot be interleaved")
     out = {"vllm_version": __import__("vllm").__version__, "runs": []}
     engines, calls = [], []
     for spec in job["runs"]:
-        if any(b.get("expect_error") for b in spec["batches"]):
-            raise ValueError(f"run {spec['name']!r}: batches with expect_error cannot be interleaved")
         t0 = time.perf_counter()
         engines.append(_engine(job, spec))
         out["runs"].append({"name": spec["name"], "max_loras": spec.get("max_loras"),
