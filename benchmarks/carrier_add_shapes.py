@@ -7,10 +7,10 @@ and columns).
 
 Per case (T tokens, the slot ids cycling over c carriers): the minimum over ``--repeats`` of one
 pass over ``--layers`` layers' four projections, per layer, and the deltas' bytes read per second.
-With the default four layers the deltas (about 40 MB) exceed a laptop's or a small server's L3,
-so each call reads its deltas from memory, as it does between vLLM's GEMMs in a decode step; with
-``--layers 1`` they stay in cache (the kernel's arithmetic alone). Compare kernel changes by
-running the old and the new build alternately on an otherwise idle machine.
+With the default four layers the deltas (about 40 MB) exceed a CPU's L3 of up to 32 MiB, so
+each call reads its deltas from memory, as it does between vLLM's GEMMs in a decode step; with
+``--layers 1`` (10 MB) they stay in a larger cache. Compare kernel changes by running the old and
+the new build alternately: the minimum of each then sees the same load from other processes.
 """
 
 from __future__ import annotations
@@ -21,10 +21,12 @@ import time
 import torch
 
 SHAPES = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)}
+SPARSITY = 0.8
 CASES = ((1, 1), (4, 4), (4, 1), (16, 1), (16, 4), (64, 4))
 
 
 def main() -> None:
+    from lcdd_kernels.bench.carrier import _carrier
     from lcdd_kernels.ops.carrier_plan import CarrierPlan
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -35,14 +37,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     g = torch.Generator().manual_seed(0)
 
-    def carrier(n: int, k: int):
-        rows = torch.randperm(n, generator=g)[: n // 5].sort().values.to(torch.int32)
-        cols = torch.randperm(k, generator=g)[: k // 5].sort().values.to(torch.int32)
-        return torch.randn(rows.numel(), cols.numel(), generator=g), rows, cols
-
-    plans = [(CarrierPlan((n, k), [carrier(n, k) for _ in range(4)], device="cpu", dtype=torch.float32), n, k)
-             for _ in range(args.layers) for n, k in SHAPES.values()]
-    per_carrier = sum(n * k // 25 * 4 for n, k in SHAPES.values()) * args.layers  # bytes of one carrier's deltas
+    # the carrier benchmark's random carrier: a fifth of the rows and columns at s = 0.8
+    f32 = torch.float32
+    plans = [(CarrierPlan((n, k), [_carrier(n, k, SPARSITY, g, "cpu", f32) for _ in range(4)], device="cpu",
+                          dtype=f32), n, k) for _ in range(args.layers) for n, k in SHAPES.values()]
+    # the deltas are alike in size per slot: one carrier's bytes over all layers
+    per_carrier = sum(plan.table.entries[0].delta.numel() * 4 for plan, _, _ in plans)
     print(f"{args.layers} layers, {args.threads} threads, {per_carrier * 4 / 1e6:.0f} MB of deltas in all")
     for t, c in CASES:
         bufs = {(n, k): (torch.randn(t, k, generator=g), torch.zeros(t, n)) for n, k in SHAPES.values()}

@@ -11,7 +11,7 @@ timed: vLLM's GEMM (``UnquantizedLinearMethod.apply``), the plugin's hook
 one carrier and four carriers mixed are alternated ``--repeats`` times (16 requests x 32 new tokens,
 decode time = the 32-token batch minus a 1-token batch); the medians are printed, and the hook's
 and the kernel's time as a fraction of the GEMM's (ratios within one run, steadier than tokens/s
-on a busy machine).
+when other processes share the CPU).
 """
 
 from __future__ import annotations

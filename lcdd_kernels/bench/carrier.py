@@ -380,7 +380,7 @@ def copy_bandwidth(device: str, budget_s: float) -> float:
 
 #: Rounds of the alternating CPU-time pass at least, per case. A prefill call takes 30-500 ms, so
 #: the time budget alone gives it 3-5 rounds, and the minimum of so few moved the prefill ratios by
-#: +-0.05 between runs on a 2-core machine; decode calls get hundreds of rounds from the budget.
+#: up to +-0.05 between runs; decode calls get hundreds of rounds from the budget.
 MIN_ROUNDS = {"decode": 5, "prefill": 11}
 
 

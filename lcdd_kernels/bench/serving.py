@@ -21,8 +21,8 @@ all on vLLM: ``vllm-base`` (LoRA off), ``vllm-native-1`` / ``vllm-native-4`` (th
 ``vllm-lora-4`` (the same four carriers as exact LoRA, requests cycling through them; where
 their rank is above vLLM's 512 the row says so instead). The group's targets (:data:`TARGETS`)
 are checked on it. Its three engines are started together and their timed batches alternate,
-repeat after repeat (the runner's ``interleave``), so that the machine's drift over the minutes
-of the group falls on every provider alike.
+repeat after repeat (the runner's ``interleave``), so that a change in the CPU's speed during
+the group falls on every provider alike.
 
 Per provider: ``tokens_per_s`` = generated tokens / wall time of the batch, ``ttft_s`` = wall
 time of the same batch with one new token (every request arrives at once, so this is what each
@@ -301,7 +301,7 @@ def _qwen3(args, stamp, n_req, new_tokens) -> list[dict]:
                 if not report.exact:
                     raise RuntimeError(f"export_peft truncated carrier {i} although its rank {rank} fits vLLM")
                 adapters[f"l{i}"] = str(Path(tmp) / f"l{i}")
-        # interleaved: all engines up at once, their timed batches in turn (ratios free of drift)
+        # interleaved: all engines up at once, their timed batches in turn
         job = {"model": str(Path(tmp) / "model"), "dtype": "float32", "max_model_len": 256, "adapters": adapters,
                "interleave": True, "runs": q.runs(prompts, lora_rank, new_tokens, lambda r, n, prefix="": _batches(r, n, args, prefix))}
         try:

@@ -102,9 +102,9 @@ def run(job: dict) -> dict:
 
 def run_interleaved(job: dict) -> dict:
     """Every run's engine started first, then the timed batches of all runs in turn, repeat after
-    repeat: the machine's drift over the run (a shared or throttled CPU's speed moves by 10-20%
-    over minutes) falls on every run alike, so their ratios hold where back-to-back runs would
-    measure the drift. Batches that expect an error are not supported here."""
+    repeat: a change in the CPU's speed during the job (other processes, frequency) falls on every
+    run alike, where runs one after another would each see a different speed. Batches that expect
+    an error are not supported here."""
     for spec in job["runs"]:  # refused before vLLM is imported or any engine starts
         if any(b.get("expect_error") for b in spec["batches"]):
             raise ValueError(f"run {spec['name']!r}: batches with expect_error cannot be interleaved")
